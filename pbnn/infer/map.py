@@ -1,0 +1,102 @@
+"""MAP: the non-Bayesian baseline, a point estimate at the mode of the posterior.
+
+Example:
+    >>> import torch, pbnn
+    >>> x = torch.randn(40, 1); y = 3 * x[:, 0]
+    >>> model = pbnn.BNN(torch.nn.Linear(1, 1), likelihood=pbnn.likelihoods.Gaussian(0.1))
+    >>> post = pbnn.fit(model, x, y, method="map", num_steps=500, lr=0.05, progress=False, seed=0)
+    >>> round(float(post.samples["weight"].squeeze()), 1)
+    3.0
+"""
+
+from __future__ import annotations
+
+import pyro
+from pyro.infer import autoguide
+
+from pbnn.data import Data
+from pbnn.infer.base import Backend, accepts_subsample, check_positive, check_positive_int
+from pbnn.model import BNN
+from pbnn.posterior import Posterior
+from pbnn.potential import Potential
+from pbnn.training import fitted_params, resolve_batch_size, run_adam, run_svi, seeded
+
+__all__ = ["MAP"]
+
+
+class MAP(Backend):
+    """Maximum a posteriori weights (Adam on the negative log joint); a one-draw Posterior.
+
+    Args:
+        num_steps, lr, batch_size, seed, progress: as for :class:`pbnn.infer.SVI`.
+
+    Example:
+        >>> import pbnn
+        >>> pbnn.infer.MAP(num_steps=100).num_steps
+        100
+    """
+
+    name = "map"
+
+    def __init__(
+        self,
+        num_steps: int = 3000,
+        lr: float = 0.01,
+        batch_size: int | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.num_steps = check_positive_int("num_steps", num_steps)
+        self.lr = check_positive("lr", lr)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.progress = progress
+
+    def fit(self, model, data: Data) -> Posterior:
+        batch = resolve_batch_size(self.batch_size, len(data))
+        if isinstance(model, BNN):
+            with seeded(self.seed):
+                mode, fixed, losses = self._fit_functional(model, data, batch)
+        else:
+            if batch is not None and not accepts_subsample(model):
+                raise ValueError("minibatch MAP needs the model to accept subsample=; pass batch_size >= len(x)")
+            with seeded(self.seed), pyro.get_param_store().scope():
+                guide = autoguide.AutoDelta(model, init_loc_fn=autoguide.init_to_median)
+                losses = run_svi(
+                    model,
+                    guide,
+                    data,
+                    num_steps=self.num_steps,
+                    lr=self.lr,
+                    batch_size=batch,
+                    desc="MAP",
+                    progress=self.progress,
+                )
+                mode = guide.median(data.x, data.y)
+                fixed = fitted_params(guide._pyro_name)
+        samples = {k: v.detach()[None, None] for k, v in mode.items()}
+        return Posterior(model, samples, data=data, method=self.name, fixed=fixed, info={"losses": losses})
+
+    def _fit_functional(self, model: BNN, data: Data, batch: int | None):
+        """Adam on the BNN's functional log joint (no Jacobian: the mode of the constrained
+        density, as Pyro's AutoDelta defines MAP), starting from the network's own init."""
+        potential = Potential(model, data)
+        z = potential.initial_z().requires_grad_(True)
+        fixed = {
+            n: p.detach().clone().requires_grad_(True)
+            for n, p in model.net.named_parameters()
+            if n in model.deterministic_names
+        }
+        losses = run_adam(
+            [z, *fixed.values()],
+            lambda idx: -potential.log_joint(z, idx, fixed, jacobian=False),
+            num_steps=self.num_steps,
+            lr=self.lr,
+            n=len(data),
+            batch_size=batch,
+            desc="MAP",
+            progress=self.progress,
+            loss_name="-log joint/N",
+        )
+        mode, _ = potential.unpack(z.detach())
+        return mode, {k: v.detach() for k, v in fixed.items()}, losses

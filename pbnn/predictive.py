@@ -1,0 +1,285 @@
+"""Posterior predictive: network outputs per draw, and everything derived from them.
+
+For a :class:`pbnn.BNN` the network is evaluated for all draws at once with
+``torch.func.vmap`` over ``torch.func.functional_call``, in chunks of draws so memory
+stays bounded however many draws there are. Hand-written Pyro models are run once per
+draw (conditioned on it) and their ``"obs"`` distributions stacked.
+
+A :class:`Prediction` holds the conditional distribution ``p(y | x, theta_s)`` for every
+draw ``s`` (batch shape ``[S, N]``) and reduces it over draws.
+
+Example:
+    >>> import torch, pbnn
+    >>> from pyro.distributions import Normal
+    >>> pred = pbnn.Prediction(torch.zeros(4, 3, 1), Normal(torch.zeros(4, 3), 1.0))
+    >>> pred.mean.shape, float(pred.variance[0])
+    (torch.Size([3]), 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch.distributions import Distribution, Independent
+
+__all__ = ["Prediction", "predict_bnn", "predict_pyro", "chunked_vmap"]
+
+_CLASSIFICATION = (dist.Categorical, dist.Bernoulli, dist.OneHotCategorical)
+
+
+def _base(d: Distribution) -> tuple[Distribution, int]:
+    """Strip ``Independent`` wrappers; return the base and how many dims they reinterpreted."""
+    n = 0
+    while isinstance(d, Independent):
+        n += d.reinterpreted_batch_ndims
+        d = d.base_dist
+    return d, n
+
+
+class Prediction:
+    """Predictive distribution at ``N`` inputs, as a mixture over ``S`` posterior draws.
+
+    Attributes:
+        samples: network outputs per draw, ``[S, N, out_dim]``.
+        conditional: ``p(y | x, theta_s)`` with batch shape ``[S, N]``.
+
+    Regression: ``mean`` and ``variance`` are those of the mixture; the variance splits
+    into ``aleatoric_variance`` (mean over draws of the noise variance) and
+    ``epistemic_variance`` (variance over draws of the conditional mean).
+    Classification: ``probs`` is the posterior-averaged class probability; ``mean`` equals
+    it, ``variance`` is ``probs * (1 - probs)`` and splits the same way; ``entropy`` splits
+    into ``aleatoric_entropy`` (expected entropy) and ``mutual_information`` (epistemic).
+
+    Example:
+        >>> import torch, pbnn
+        >>> from pyro.distributions import Categorical
+        >>> logits = torch.tensor([[[4.0, 0.0]], [[0.0, 4.0]]])   # 2 draws that disagree
+        >>> pred = pbnn.Prediction(logits, Categorical(logits=logits))
+        >>> pred.probs
+        tensor([[0.5000, 0.5000]])
+        >>> bool(pred.mutual_information[0] > 0.5)
+        True
+    """
+
+    def __init__(self, samples: torch.Tensor, conditional: Distribution) -> None:
+        self.samples = samples
+        self.conditional = conditional
+        base, _ = _base(conditional)
+        self.is_classification = isinstance(base, _CLASSIFICATION)
+
+    @property
+    def num_draws(self) -> int:
+        return self.samples.shape[0]
+
+    # ---------------------------------------------------------------- moments
+    def _per_draw_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d, _ = _base(self.conditional)
+        if isinstance(d, (dist.Categorical, dist.OneHotCategorical)):
+            p = d.probs
+            return p, p * (1 - p)
+        return d.mean, d.variance
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Predictive mean: ``[N]`` / ``[N, D]`` for regression, class probabilities for classification."""
+        return self._per_draw_moments()[0].mean(0)
+
+    @property
+    def aleatoric_variance(self) -> torch.Tensor:
+        return self._per_draw_moments()[1].mean(0)
+
+    @property
+    def epistemic_variance(self) -> torch.Tensor:
+        return self._per_draw_moments()[0].var(0, unbiased=False)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Total predictive variance = aleatoric + epistemic (law of total variance)."""
+        return self.aleatoric_variance + self.epistemic_variance
+
+    @property
+    def stddev(self) -> torch.Tensor:
+        return self.variance.sqrt()
+
+    # ---------------------------------------------------------------- classification
+    @property
+    def probs(self) -> torch.Tensor:
+        """Posterior-averaged class probabilities (``[N, C]``; ``[N]`` = P(y=1) for Bernoulli)."""
+        if not self.is_classification:
+            raise AttributeError("probs is defined for classification likelihoods only")
+        return self.mean
+
+    def _probs_per_draw(self) -> torch.Tensor:
+        p = self._per_draw_moments()[0]
+        d, _ = _base(self.conditional)
+        return torch.stack([1 - p, p], -1) if isinstance(d, dist.Bernoulli) else p
+
+    @staticmethod
+    def _entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """Entropy of the predictive class distribution (total uncertainty), ``[N]``."""
+        return self._entropy(self._probs_per_draw().mean(0))
+
+    @property
+    def aleatoric_entropy(self) -> torch.Tensor:
+        """Expected entropy over draws (the aleatoric part), ``[N]``."""
+        return self._entropy(self._probs_per_draw()).mean(0)
+
+    @property
+    def mutual_information(self) -> torch.Tensor:
+        """Entropy minus expected entropy: information about the weights (epistemic), ``[N]``."""
+        return (self.entropy - self.aleatoric_entropy).clamp_min(0.0)
+
+    # ---------------------------------------------------------------- densities
+    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        """Pointwise log predictive density ``log (1/S) sum_s p(y_i | x_i, theta_s)``, ``[N]``."""
+        lp = self.pointwise_log_likelihood(y)
+        return torch.logsumexp(lp, 0) - math.log(lp.shape[0])
+
+    def pointwise_log_likelihood(self, y: torch.Tensor) -> torch.Tensor:
+        """``log p(y_i | x_i, theta_s)`` for every draw and point, ``[S, N]``."""
+        y = torch.as_tensor(y)
+        d, _ = _base(self.conditional)
+        if isinstance(d, dist.Categorical):
+            y = y.long()
+        elif isinstance(d, dist.Bernoulli):
+            y = y.to(d.logits.dtype)
+        else:
+            y = y.to(self.samples.dtype)
+            event = self.conditional.event_shape
+            if y.dim() == len(event) + 2 and y.shape[-1] == 1 and not event:
+                y = y[..., 0]
+        return self.conditional.log_prob(y)
+
+    def sample(self, num_per_draw: int = 1) -> torch.Tensor:
+        """Predictive draws of ``y``: ``[num_per_draw * S, N, ...]``."""
+        y = self.conditional.sample((num_per_draw,))
+        return y.reshape((-1,) + tuple(y.shape[2:]))
+
+    # ---------------------------------------------------------------- intervals
+    def cdf(self, y: torch.Tensor) -> torch.Tensor:
+        """Predictive (mixture) CDF at ``y`` for regression, ``[N]`` / ``[N, D]``."""
+        d, _ = _base(self.conditional)
+        return d.cdf(torch.as_tensor(y, dtype=self.samples.dtype)).mean(0)
+
+    def quantile(self, q: float) -> torch.Tensor:
+        """Quantile ``q`` of the predictive mixture (bisection on its CDF), regression only."""
+        if self.is_classification:
+            raise ValueError("quantile is defined for regression; for classification use interval()")
+        d, _ = _base(self.conditional)
+        mean, sd = d.mean, d.stddev
+        lo = (mean - 12 * sd).min(0).values
+        hi = (mean + 12 * sd).max(0).values
+        for _ in range(60):  # 60 halvings: far below float precision of the bracket
+            mid = (lo + hi) / 2
+            below = d.cdf(mid.expand_as(mean)).mean(0) < q
+            lo = torch.where(below, mid, lo)
+            hi = torch.where(below, hi, mid)
+        return (lo + hi) / 2
+
+    def interval(self, prob: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+        """Central ``prob`` interval ``(lower, upper)``.
+
+        Regression: of the predictive distribution of ``y`` (noise included).
+        Classification: the central credible interval of the class probabilities over draws.
+        """
+        if not 0 < prob < 1:
+            raise ValueError(f"prob must lie in (0, 1), got {prob}")
+        a = (1 - prob) / 2
+        if self.is_classification:
+            p = self._per_draw_moments()[0]
+            return torch.quantile(p, a, dim=0), torch.quantile(p, 1 - a, dim=0)
+        return self.quantile(a), self.quantile(1 - a)
+
+    def __repr__(self) -> str:
+        kind = "classification" if self.is_classification else "regression"
+        return f"Prediction({kind}, draws={self.num_draws}, points={self.samples.shape[1]})"
+
+
+# ------------------------------------------------------------------------- builders
+def chunked_vmap(fn: Callable, stacked: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+    """``vmap(fn)`` over the leading (draw) dim of ``stacked``, ``chunk_size`` draws at a time."""
+    num = next(iter(stacked.values())).shape[0]
+    outs = []
+    for start in range(0, num, chunk_size):
+        chunk = {k: v[start : start + chunk_size] for k, v in stacked.items()}
+        outs.append(torch.func.vmap(fn, randomness="different")(chunk))
+    return torch.cat(outs, 0)
+
+
+def default_chunk_size(num_points: int, width: int = 1024) -> int:
+    """Draws per vmap chunk so one chunk's activations stay around 64 MB (float32)."""
+    return max(1, min(1024, (16 * 2**20) // max(1, num_points * width)))
+
+
+def predict_bnn(
+    model,
+    draws: dict[str, torch.Tensor],
+    fixed: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    chunk_size: int | None = None,
+) -> Prediction:
+    """Vectorised predictive of a :class:`pbnn.BNN` for flat draws ``{site: [S, ...]}``."""
+    names = model.bayesian_names
+    weights = {n: draws[n] for n in names}
+    chunk = chunk_size or default_chunk_size(x.shape[0])
+    was_training = model.net.training
+    model.net.eval()
+    try:
+        with torch.no_grad():
+            f = chunked_vmap(lambda w: model.output({**fixed, **w}, x), weights, chunk)
+    finally:
+        model.net.train(was_training)
+    noise = {n: draws[n] for n in model.noise_sites(f.shape[-1])}
+    return Prediction(f, model.likelihood.conditional(f, noise))
+
+
+def _stack(dists: list[Distribution]) -> Distribution:
+    """Stack per-draw distributions of one family into one with a leading draw dim."""
+    first, ndims = _base(dists[0])
+    bases = [_base(d)[0] for d in dists]
+    if isinstance(first, (dist.Categorical, dist.Bernoulli, dist.OneHotCategorical)):
+        stacked = type(first)(logits=torch.stack([b.logits for b in bases]))
+    elif isinstance(first, (dist.Normal, dist.StudentT, dist.Laplace, dist.Cauchy)):
+        keys = [k for k in ("df", "loc", "scale") if hasattr(first, k)]
+        stacked = type(first)(**{k: torch.stack([getattr(b, k).expand(b.batch_shape) for b in bases]) for k in keys})
+    else:
+        raise ValueError(
+            f"pbnn's predictive supports Normal, StudentT, Laplace, Cauchy, Categorical and Bernoulli "
+            f"observation sites; the model's 'obs' site is {type(first).__name__}"
+        )
+    return stacked.to_event(ndims) if ndims else stacked
+
+
+def predict_pyro(model, draws: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], x: torch.Tensor) -> Prediction:
+    """Predictive of a hand-written Pyro model: one conditioned trace per draw.
+
+    The model's ``pyro.param`` values from the fit (``fixed``) are put in a private
+    parameter scope, so the global param store is neither read nor changed.
+    """
+    num = next(iter(draws.values())).shape[0]
+    dists, outs = [], []
+    with torch.no_grad(), pyro.get_param_store().scope():
+        for name, value in fixed.items():
+            pyro.get_param_store()[name] = value
+        for s in range(num):
+            cond = poutine.condition(model, data={k: v[s] for k, v in draws.items()})
+            tr = poutine.trace(cond).get_trace(x)
+            if "obs" not in tr.nodes:
+                raise ValueError("a hand-written Pyro model must observe its targets at a sample site named 'obs'")
+            d = tr.nodes["obs"]["fn"]
+            dists.append(d)
+            base, _ = _base(d)
+            outs.append(base.logits if hasattr(base, "logits") else base.mean)
+    f = torch.stack(outs)
+    if f.dim() == 2:
+        f = f[..., None]
+    return Prediction(f, _stack(dists))
