@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,13 @@ class Posterior:
         fixed: values of deterministic parameters (``pyro.param`` sites) after the fit.
         data: the training :class:`pbnn.data.Data` (for ArviZ's observed data and LOO).
         method: the backend's name.
-        approximation: a :class:`pbnn.approx.FlatApproximation` when the backend fitted a
+        approximation: an object with ``sample(num_samples, seed=None) -> {site: [S, ...]}``
+            (e.g. :class:`pbnn.approx.FlatApproximation`) when the backend fitted a
             distribution (SVI, Laplace), so more draws can be made; else None.
+        predictor: optional ``predictor(posterior, draws, x) -> Prediction`` for backends
+            whose predictive is not "evaluate the model at each draw" (e.g. a linearised
+            Laplace predictive). Must be picklable (a module-level function or object) for
+            :meth:`save`.
         info: backend-specific extras (loss traces, timings, ...).
     """
 
@@ -53,6 +59,7 @@ class Posterior:
         sample_stats: dict[str, torch.Tensor] | None = None,
         fixed: dict[str, torch.Tensor] | None = None,
         approximation: FlatApproximation | None = None,
+        predictor: Callable[[Posterior, dict[str, torch.Tensor], torch.Tensor], Prediction] | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
         shapes = {tuple(v.shape[:2]) for v in samples.values()}
@@ -71,6 +78,7 @@ class Posterior:
         self.data = data
         self.method = method
         self.approximation = approximation
+        self.predictor = predictor
         self.info = dict(info or {})
 
     # ------------------------------------------------------------------ shape
@@ -116,6 +124,8 @@ class Posterior:
         """
         x = as_tensor(x, "x", float_only=True)
         draws = self._draws(num_samples, seed)
+        if self.predictor is not None:
+            return self.predictor(self, draws, x)
         if isinstance(self.model, BNN):
             return predict_bnn(self.model, draws, self.fixed, x)
         return predict_pyro(self.model, draws, self.fixed, x)
@@ -143,6 +153,7 @@ class Posterior:
             "y": self.data.y,
             "method": self.method,
             "approximation": self.approximation,
+            "predictor": self.predictor,
             "info": self.info,
             "model": self.model,
         }
@@ -173,6 +184,7 @@ class Posterior:
             sample_stats=state["sample_stats"],
             fixed=state["fixed"],
             approximation=state["approximation"],
+            predictor=state.get("predictor"),
             info=state["info"],
         )
 
