@@ -1,0 +1,43 @@
+import math
+
+import numpy as np
+import pytest
+
+from pbnn.bench import regression_protocol, run_task
+from pbnn.cli import main
+
+
+def _data(n=80, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 2))
+    return X, X @ np.array([1.0, -0.5]) + 0.2 * rng.normal(size=n)
+
+
+def test_protocol_reports_in_original_units():
+    """Scaling and shifting y must scale RMSE by the factor and shift the log-likelihood by
+    -log(factor): the protocol standardises internally and converts back."""
+    X, y = _data()
+    a = regression_protocol(X, y, "map", n_splits=2, num_steps=300)
+    b = regression_protocol(X, 10 * y + 3, "map", n_splits=2, num_steps=300)
+    assert b["rmse"] == pytest.approx(10 * a["rmse"], rel=1e-3)
+    assert b["loglik"] == pytest.approx(a["loglik"] - math.log(10), abs=1e-3)
+    assert a["rmse"] < 0.5 and a["rmse_se"] >= 0  # noise sd 0.2, signal sd ~1.1
+
+
+def test_protocol_errors():
+    X, y = _data()
+    with pytest.raises(ValueError, match="rows"):
+        regression_protocol(X, y[:-1], "map", n_splits=1)
+    with pytest.raises(ValueError, match="unknown method"):
+        regression_protocol(X, y, "nope", n_splits=1)
+
+
+def test_run_task_classification_metrics():
+    row = run_task("moons", "map", num_steps=300, progress=False)
+    assert row["accuracy"] > 0.8 and 0 <= row["ece"] <= 1 and row["nll"] > 0
+
+
+def test_cli_bench_writes_tables(tmp_path, capsys):
+    assert main(["bench", "--task", "gap", "--methods", "map", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    assert "map" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.csv").read_text().startswith("task,method")
