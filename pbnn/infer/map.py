@@ -28,7 +28,11 @@ class MAP(Backend):
     """Maximum a posteriori weights (Adam on the negative log joint); a one-draw Posterior.
 
     Args:
-        num_steps, lr, batch_size, seed, progress: as for :class:`pbnn.infer.SVI`.
+        num_steps: Adam steps.
+        lr: learning rate (decays 10x over the run, as for :class:`pbnn.infer.SVI`).
+        batch_size: minibatch size; None: full batch up to 2048 points, else 256.
+        seed: seed for initialisation and minibatches (None: torch's global RNG).
+        progress: show a tqdm bar.
 
     Example:
         >>> import pbnn
