@@ -12,7 +12,7 @@ Example:
     (torch.Size([64]), torch.Size([64]))
 """
 
-from pbnn import approx, arviz_io, data, infer, likelihoods, metrics, potential, priors
+from pbnn import approx, arviz_io, data, distributed, infer, likelihoods, metrics, potential, priors
 from pbnn.api import fit
 from pbnn.model import BNN
 from pbnn.posterior import Posterior
@@ -31,6 +31,7 @@ __all__ = [
     "approx",
     "arviz_io",
     "data",
+    "distributed",
     "metrics",
     "potential",
 ]

@@ -31,7 +31,7 @@ from pbnn.posterior import Posterior
 __all__ = ["fit"]
 
 
-def fit(model, x, y, method: str | Backend = "svi", **options) -> Posterior:
+def fit(model, x, y, method: str | Backend = "svi", *, distributed: bool = False, **options) -> Posterior:
     """Fit ``model`` to ``(x, y)`` with an inference backend and return its Posterior.
 
     Args:
@@ -40,6 +40,9 @@ def fit(model, x, y, method: str | Backend = "svi", **options) -> Posterior:
         y: targets ``[N]`` / ``[N, D]`` (regression) or class labels ``[N]`` (classification).
         method: a method name (see ``pbnn.infer.BACKENDS``) or a backend object such as
             ``pbnn.infer.SVI(guide="full_rank")``.
+        distributed: train data-parallel over the ranks of a ``torchrun`` job (see
+            :mod:`pbnn.distributed`); every rank must call ``fit`` with the same arguments and
+            returns the same Posterior.
         **options: the backend's constructor arguments, when ``method`` is a name.
 
     Raises:
@@ -56,4 +59,9 @@ def fit(model, x, y, method: str | Backend = "svi", **options) -> Posterior:
     """
     backend = make_backend(method, **options)
     data = validate(model, x, y)
-    return backend.fit(model, data)
+    if not distributed:
+        return backend.fit(model, data)
+    from pbnn.distributed import data_parallel
+
+    with data_parallel():
+        return backend.fit(model, data)

@@ -16,12 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["seeded", "batch_indices", "resolve_batch_size", "optimise", "FULL_BATCH_LIMIT"]
+__all__ = [
+    "seeded",
+    "batch_indices",
+    "BatchSchedule",
+    "resolve_batch_size",
+    "optimise",
+    "run_adam",
+    "run_svi",
+    "FULL_BATCH_LIMIT",
+]
 
 # Data sets up to this size are fitted full-batch by default; larger ones in minibatches.
 FULL_BATCH_LIMIT = 2048
@@ -57,6 +67,23 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> Iterat
         yield from perm.split(batch_size)
 
 
+class BatchSchedule:
+    """Minibatch indices as a pure function of the step number (so a resumed run draws the
+    same batches): epoch ``e`` is a permutation seeded by ``seed + e``, split in order."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = math.ceil(n / batch_size)
+        self._epoch, self._batches = -1, ()
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch = step // self.per_epoch
+        if epoch != self._epoch:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            self._epoch, self._batches = epoch, perm.split(self.batch_size)
+        return self._batches[step % self.per_epoch]
+
+
 def optimise(
     step: Callable[[torch.Tensor | None], float],
     num_steps: int,
@@ -66,16 +93,19 @@ def optimise(
     desc: str,
     progress: bool = True,
     loss_name: str = "loss",
+    start: int = 0,
+    losses: list[float] | None = None,
+    after_step: Callable[[int, list[float]], None] | None = None,
 ) -> list[float]:
-    """Call ``step(indices)`` ``num_steps`` times (``indices`` None = full batch); return losses."""
+    """Call ``step(indices)`` for steps ``start .. num_steps - 1`` (``indices`` None = full
+    batch); return all losses. ``after_step(t, losses)`` runs after each step (checkpoints)."""
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
-    batches = batch_indices(n, batch_size, gen) if batch_size else None
-    losses: list[float] = []
-    bar = tqdm(range(num_steps), desc=desc, disable=not progress, leave=False)
+    schedule = BatchSchedule(n, batch_size, int(torch.randint(0, 2**62, ()).item())) if batch_size else None
+    losses = list(losses or [])
+    bar = tqdm(range(start, num_steps), desc=desc, disable=not progress, leave=False, initial=start, total=num_steps)
     for t in bar:
-        loss = float(step(next(batches) if batches else None))
+        loss = float(step(schedule(t) if schedule else None))
         if not math.isfinite(loss):
             raise ValueError(
                 f"{desc}: the {loss_name} became {loss} at step {t}; lower the learning rate "
@@ -84,6 +114,8 @@ def optimise(
         losses.append(loss)
         if t % 50 == 0 or t == num_steps - 1:
             bar.set_postfix({loss_name: f"{loss:.4g}"})
+        if after_step is not None:
+            after_step(t, losses)
     return losses
 
 
@@ -132,23 +164,122 @@ def run_adam(
     progress: bool = True,
     loss_name: str = "loss",
     per_point: bool = True,
+    accumulate: int = 1,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
 ) -> list[float]:
-    """Minimise ``loss_fn(indices)`` over ``params`` with Adam, the same schedule as
-    :func:`run_svi` (lr decays 10x over the run, gradient norm clipped at 10), in pure torch.
-    Losses are reported per data point when ``per_point``."""
+    """Minimise ``loss_fn(indices)`` over ``params`` with Adam in pure torch.
+
+    The schedule matches :func:`run_svi`: lr decays 10x over the run, gradient norm
+    clipped at 10. Losses are reported per data point when ``per_point``.
+
+    ``loss_fn(idx)`` must scale the likelihood of the rows ``idx`` by ``N / len(idx)``
+    (as :class:`pbnn.potential.Potential` does). Then:
+
+    * ``accumulate=k`` splits each minibatch into ``k`` micro-batches whose gradients,
+      weighted by their share of the batch, add up to the gradient of the whole batch;
+      the torch RNG is rewound before each micro-batch so stochastic losses (SVI's guide
+      draw) use the same draw for all of them: the update equals one ``k``-times larger
+      batch (``batch_size`` is the size before splitting).
+    * inside :func:`pbnn.distributed.data_parallel`, each rank takes its share of a global
+      batch of ``batch_size * world_size`` rows (or of the full data) and the weighted
+      gradients are summed over ranks: the update one process would make on the union.
+    * ``checkpoint_path`` + ``checkpoint_every``: every that many steps rank 0 writes the
+      parameters, optimiser, schedule, RNG state and losses atomically; a run started with
+      an existing checkpoint resumes from it and ends in the same state as an
+      uninterrupted run.
+    """
+    from pbnn import distributed
+
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")
+    if (checkpoint_path is None) != (checkpoint_every is None):
+        raise ValueError("pass both checkpoint_path and checkpoint_every (or neither)")
+    ranks, me = distributed.world_size(), distributed.rank()
+    global_batch = batch_size * ranks if batch_size else None
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.1 ** (1.0 / num_steps))
+    split = ranks > 1 or accumulate > 1
 
     def step(idx):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(idx)
-        loss.backward()
+        if not split:
+            loss = loss_fn(idx)
+            loss.backward()
+            total = loss.detach()
+        else:
+            idx = torch.arange(n) if idx is None else idx
+            mine = idx.tensor_split(ranks)[me]
+            rng = torch.get_rng_state()
+            total = torch.zeros(())
+            for micro in mine.tensor_split(accumulate):
+                if len(micro) == 0:
+                    continue
+                torch.set_rng_state(rng)  # the same random draw for every micro-batch and rank
+                loss = loss_fn(micro) * (len(micro) / len(idx))
+                loss.backward()
+                total = total + loss.detach()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            distributed.allreduce_sum_([*grads, total.reshape(1)] if ranks > 1 else [])
+            for p, g in zip(params, grads):
+                p.grad = g
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         opt.step()
         sched.step()
-        return loss.item() / (n if per_point else 1)
+        return total.item() / (n if per_point else 1)
 
-    return optimise(step, num_steps, n, batch_size, desc=desc, progress=progress, loss_name=loss_name)
+    start, losses, after_step = 0, [], None
+    if checkpoint_path is not None:
+        checkpoint_every = int(checkpoint_every)
+        state = _load_checkpoint(checkpoint_path)
+        if state is not None:
+            with torch.no_grad():
+                for p, v in zip(params, state["params"]):
+                    p.copy_(v)
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            start, losses = state["step"] + 1, state["losses"]
+
+        def after_step(t, losses):
+            if (t + 1) % checkpoint_every == 0 or t == num_steps - 1:
+                if me == 0:
+                    _save_checkpoint(checkpoint_path, params, opt, sched, t, losses)
+
+    if start >= num_steps:
+        return losses
+    return optimise(
+        step,
+        num_steps,
+        n,
+        global_batch,
+        desc=desc,
+        progress=progress and me == 0,
+        loss_name=loss_name,
+        start=start,
+        losses=losses,
+        after_step=after_step,
+    )
+
+
+def _save_checkpoint(path, params, opt, sched, step: int, losses: list[float]) -> None:
+    state = {
+        "params": [p.detach().clone() for p in params],
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": torch.get_rng_state(),
+        "step": step,
+        "losses": list(losses),
+    }
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a killed job never leaves a half-written checkpoint
+
+
+def _load_checkpoint(path) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, weights_only=False)
 
 
 def fitted_params(guide_prefix: str) -> dict[str, torch.Tensor]:

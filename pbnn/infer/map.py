@@ -15,6 +15,7 @@ import pyro
 from pyro.infer import autoguide
 
 from pbnn.data import Data
+from pbnn.distributed import broadcast_seed, is_active
 from pbnn.infer.base import Backend, accepts_subsample, check_positive, check_positive_int
 from pbnn.model import BNN
 from pbnn.posterior import Posterior
@@ -32,6 +33,10 @@ class MAP(Backend):
         lr: learning rate (decays 10x over the run, as for :class:`pbnn.infer.SVI`).
         batch_size: minibatch size; None: full batch up to 2048 points, else 256.
         seed: seed for initialisation and minibatches (None: torch's global RNG).
+        accumulate: gradient accumulation: split each minibatch into this many micro-batches
+            (same update, less memory).
+        checkpoint_path, checkpoint_every: write a checkpoint every that many steps and resume
+            from the file when it exists (BNN models).
         progress: show a tqdm bar.
 
     Example:
@@ -49,22 +54,35 @@ class MAP(Backend):
         batch_size: int | None = None,
         seed: int | None = None,
         progress: bool = True,
+        accumulate: int = 1,
+        checkpoint_path: str | None = None,
+        checkpoint_every: int | None = None,
     ) -> None:
         self.num_steps = check_positive_int("num_steps", num_steps)
         self.lr = check_positive("lr", lr)
         self.batch_size = batch_size
         self.seed = seed
         self.progress = progress
+        self.accumulate = check_positive_int("accumulate", accumulate)
+        if (checkpoint_path is None) != (checkpoint_every is None):
+            raise ValueError("pass both checkpoint_path and checkpoint_every (or neither)")
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
 
     def fit(self, model, data: Data) -> Posterior:
         batch = resolve_batch_size(self.batch_size, len(data))
+        if not isinstance(model, BNN) and (self.accumulate > 1 or self.checkpoint_path or is_active()):
+            raise ValueError(
+                "gradient accumulation, checkpoints and data-parallel training need a pbnn.BNN model; "
+                "hand-written Pyro models are trained by pyro.infer.SVI in one process"
+            )
         if isinstance(model, BNN):
-            with seeded(self.seed):
+            with seeded(broadcast_seed(self.seed)):
                 mode, fixed, losses = self._fit_functional(model, data, batch)
         else:
             if batch is not None and not accepts_subsample(model):
                 raise ValueError("minibatch MAP needs the model to accept subsample=; pass batch_size >= len(x)")
-            with seeded(self.seed), pyro.get_param_store().scope():
+            with seeded(broadcast_seed(self.seed)), pyro.get_param_store().scope():
                 guide = autoguide.AutoDelta(model, init_loc_fn=autoguide.init_to_median)
                 losses = run_svi(
                     model,
@@ -100,6 +118,9 @@ class MAP(Backend):
             batch_size=batch,
             desc="MAP",
             progress=self.progress,
+            accumulate=self.accumulate,
+            checkpoint_path=self.checkpoint_path,
+            checkpoint_every=self.checkpoint_every,
             loss_name="-log joint/N",
         )
         mode, _ = potential.unpack(z.detach())

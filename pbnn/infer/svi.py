@@ -24,6 +24,7 @@ from torch.distributions import (
 
 from pbnn.approx import FlatApproximation
 from pbnn.data import Data
+from pbnn.distributed import broadcast_seed, is_active
 from pbnn.infer.base import Backend, accepts_subsample, check_positive, check_positive_int
 from pbnn.model import BNN
 from pbnn.posterior import Posterior
@@ -77,6 +78,10 @@ class SVI(Backend):
             near the network's own initialisation and the mean is learnt before the spread.
         num_samples: draws stored in the Posterior (more can be made from the fitted guide).
         seed: seed for initialisation, minibatches and draws (None: torch's global RNG).
+        accumulate: gradient accumulation: split each minibatch into this many micro-batches
+            (same update, less memory).
+        checkpoint_path, checkpoint_every: write a checkpoint every that many steps and resume
+            from the file when it exists (BNN models).
         progress: show a tqdm bar with the current -ELBO per data point.
 
     Example:
@@ -99,6 +104,9 @@ class SVI(Backend):
         num_samples: int = 1000,
         seed: int | None = None,
         progress: bool = True,
+        accumulate: int = 1,
+        checkpoint_path: str | None = None,
+        checkpoint_every: int | None = None,
     ) -> None:
         if guide not in GUIDES:
             raise ValueError(f"unknown guide {guide!r}; choose one of {GUIDES}")
@@ -112,6 +120,11 @@ class SVI(Backend):
         self.num_samples = check_positive_int("num_samples", num_samples)
         self.seed = seed
         self.progress = progress
+        self.accumulate = check_positive_int("accumulate", accumulate)
+        if (checkpoint_path is None) != (checkpoint_every is None):
+            raise ValueError("pass both checkpoint_path and checkpoint_every (or neither)")
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
 
     def _make_guide(self, model, data: Data):
         common = {"init_loc_fn": init_loc_fn(model), "init_scale": self.init_scale}
@@ -127,12 +140,17 @@ class SVI(Backend):
 
     def fit(self, model, data: Data) -> Posterior:
         batch = resolve_batch_size(self.batch_size, len(data))
+        if not isinstance(model, BNN) and (self.accumulate > 1 or self.checkpoint_path or is_active()):
+            raise ValueError(
+                "gradient accumulation, checkpoints and data-parallel training need a pbnn.BNN model; "
+                "hand-written Pyro models are trained by pyro.infer.SVI in one process"
+            )
         if batch is not None and not isinstance(model, BNN) and not accepts_subsample(model):
             raise ValueError(
                 "minibatch SVI needs the model to accept subsample= (see pbnn.api's site and plate "
                 "convention); pass batch_size >= len(x) for full-batch training"
             )
-        with seeded(self.seed), pyro.get_param_store().scope():
+        with seeded(broadcast_seed(self.seed)), pyro.get_param_store().scope():
             guide = self._make_guide(model, data)
             if isinstance(model, BNN):
                 losses, fixed = self._fit_functional(model, guide, data, batch)
@@ -197,6 +215,9 @@ class SVI(Backend):
             batch_size=batch,
             desc=f"SVI ({self.guide})",
             progress=self.progress,
+            accumulate=self.accumulate,
+            checkpoint_path=self.checkpoint_path,
+            checkpoint_every=self.checkpoint_every,
             loss_name="-elbo/N",
         )
         return losses, {k: v.detach() for k, v in fixed.items()}
