@@ -83,20 +83,24 @@ def _gaussian_kl(m1, S1, m0, S0):
 
 @pytest.mark.parametrize("rule", ["sgld", "sghmc", "psgld"])
 def test_gaussian_target_moments_and_kl(rule):
-    """posteriors-style check: 4000 independent chains on a correlated 2-D Gaussian with noisy gradients.
+    """posteriors-style check: 2000 independent chains on a correlated 2-D Gaussian (precision
+    eigenvalues 2 and 0.67) with gradient noise N(0, I), started 3-6 sd away.
 
-    Step sizes are small (lr * lambda_max ~ 0.01 for SGLD), so the discretisation bias of the
-    variance is ~ lr * lambda / 2 ~ 0.5% plus the gradient-noise inflation lr * s^2 / 2 ~ 0.5%.
-    Monte Carlo error of a variance from 4000 independent draws: sqrt(2 / 4000) ~ 2.2%; of a mean:
-    sd / sqrt(4000) ~ 0.016 sd. Tolerances: 4 standard errors plus the bias.
+    Bias: for SGLD the stationary variance along a precision eigenvalue lambda is
+    (1 + lr s^2 / 2) / (lambda (1 - lr lambda / 2)): at most +4.7% here (lr = 0.03); SGHMC and
+    pSGLD move at a similar effective rate. Monte Carlo error from 2000 independent draws: a
+    variance ratio has sd sqrt(2 / 2000) ~ 3.2%, a mean sd / sqrt(2000) ~ 0.022 sd.
+    Tolerances: 4 standard errors plus the bias (variances 0.18, means 0.1 sd). The initial
+    distance decays as exp(-0.02 t): below 0.002 sd after 400 steps.
     """
     g = torch.Generator().manual_seed(1)
     mean = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    cov = torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64)
+    cov = torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     prec = torch.linalg.inv(cov)
-    chains, steps, s_noise = 4000, 1500, 1.0
-    x = torch.full((chains, 2), 8.0, dtype=torch.float64)  # far from the target: initial KL is large
-    lr = {"sgld": 2e-3, "sghmc": 2e-4, "psgld": 2e-3}[rule]
+    chains, steps, s_noise = 2000, 400, 1.0
+    start = torch.tensor([4.0, 2.0], dtype=torch.float64)
+    x = start.expand(chains, 2).clone()  # far from the target: the initial KL is large
+    lr = {"sgld": 0.03, "sghmc": 3e-3, "psgld": 0.04}[rule]
     state = torch.zeros_like(x)
     for _ in range(steps):
         grad = (x - mean) @ prec + s_noise * torch.randn(x.shape, generator=g, dtype=x.dtype)  # -grad log p + noise
@@ -109,11 +113,11 @@ def test_gaussian_target_moments_and_kl(rule):
             x, state = psgld_step(x, state, grad, lr, 1, 1.0, xi)
     m_hat, S_hat = x.mean(0), torch.cov(x.T)
     sd = cov.diagonal().sqrt()
-    assert ((m_hat - mean).abs() / sd < 0.08).all(), m_hat
-    assert torch.allclose(S_hat.diagonal() / cov.diagonal(), torch.ones(2, dtype=x.dtype), atol=0.1), S_hat
-    kl_init = _gaussian_kl(torch.full((2,), 8.0, dtype=x.dtype), cov, mean, cov)
+    assert ((m_hat - mean).abs() / sd < 0.1).all(), m_hat
+    assert torch.allclose(S_hat.diagonal() / cov.diagonal(), torch.ones(2, dtype=x.dtype), atol=0.18), S_hat
+    kl_init = _gaussian_kl(start, cov, mean, cov)
     kl = _gaussian_kl(m_hat, S_hat, mean, cov)
-    assert kl < 0.01 and kl < kl_init / 1000, (float(kl), float(kl_init))
+    assert kl < 0.02 and kl < kl_init / 1000, (float(kl), float(kl_init))
 
 
 # ---------------------------------------------------------------------------- 25-Gaussian mixture

@@ -51,12 +51,12 @@ def _check_nonneg_int(name: str, value) -> int:
 class _SGMCMC(Backend):
     """Options shared by every SG-MCMC backend (see :class:`SGLD` for their meaning)."""
 
-    default_step_size = 1e-3
+    default_step_size = 1e-2
 
     def __init__(
         self,
-        num_samples: int = 500,
-        warmup: int = 500,
+        num_samples: int = 1000,
+        warmup: int = 1000,
         num_chains: int = 1,
         step_size: float | None = None,
         batch_size: int | None = None,
@@ -137,8 +137,11 @@ class SGLD(_SGMCMC):
             initialisation, later chains at a fresh ``reset_parameters()`` draw.
         step_size: learning rate ``lr`` on the per-datum loss; the Langevin step is
             ``eps = 2 lr / N``, so it scales as ``1 / N`` with the data size (the usual
-            choice in the SGLD literature). None: 1e-3, which is stable for standardised
-            inputs and targets with noise scales down to about 0.1.
+            choice in the SGLD literature). None: 1e-2, stable on standardised inputs and
+            targets for small MLPs. The largest stable ``lr`` is about ``2 / lambda_max`` of
+            the per-datum loss; it shrinks with the noise scale (``lambda ~ 1 / sigma^2``),
+            and a plain SGLD chain that is near that limit keeps the learned noise scale
+            too large: use :class:`PSGLD` when the data are nearly noise-free.
         batch_size: minibatch size; None: full batch up to 2048 points, else 256.
         thinning: gradient steps per kept draw (and per warm-up transition).
         temperature: T multiplies the noise variance; T = 1 is the Bayes posterior, T < 1
@@ -162,8 +165,8 @@ class SGLD(_SGMCMC):
 
     def __init__(
         self,
-        num_samples: int = 500,
-        warmup: int = 500,
+        num_samples: int = 1000,
+        warmup: int = 1000,
         num_chains: int = 1,
         step_size: float | None = None,
         batch_size: int | None = None,
@@ -199,8 +202,8 @@ class SGHMC(SGLD):
     Args:
         friction: ``a`` in (0, 1]: the momentum decays by ``1 - a`` per step; ``a = 1`` is
             SGLD. Default 0.1 (momentum 0.9, Chen et al.'s range).
-        step_size: None: 1e-4 (SGHMC moves about ``1 / a`` times as far per step as SGLD at
-            the same ``lr``, so the default is smaller).
+        step_size: None: 1e-3 (SGHMC moves about ``1 / a`` times as far per step as SGLD at
+            the same ``lr``, so the default is SGLD's times ``a``).
         others: as :class:`SGLD`.
 
     Example:
@@ -211,10 +214,28 @@ class SGHMC(SGLD):
 
     name = "sghmc"
     kernel_class = SGHMCKernel
-    default_step_size = 1e-4
+    default_step_size = 1e-3
 
-    def __init__(self, *args, friction: float = 0.1, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        num_samples: int = 1000,
+        warmup: int = 1000,
+        num_chains: int = 1,
+        step_size: float | None = None,
+        batch_size: int | None = None,
+        thinning: int = 10,
+        temperature: float = 1.0,
+        schedule: str = "constant",
+        decay_b: float = 1000.0,
+        decay_gamma: float = 0.55,
+        friction: float = 0.1,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(
+            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, schedule, decay_b,
+            decay_gamma, seed, progress,
+        )  # fmt: skip
         if not isinstance(friction, (int, float)) or not 0 < friction <= 1:
             raise ValueError(f"friction must be in (0, 1], got {friction!r}")
         self.friction = float(friction)
@@ -240,9 +261,29 @@ class PSGLD(SGLD):
 
     name = "psgld"
     kernel_class = PSGLDKernel
+    default_step_size = 1e-3
 
-    def __init__(self, *args, alpha: float = 0.99, eps: float = 1e-5, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        num_samples: int = 1000,
+        warmup: int = 1000,
+        num_chains: int = 1,
+        step_size: float | None = None,
+        batch_size: int | None = None,
+        thinning: int = 10,
+        temperature: float = 1.0,
+        schedule: str = "constant",
+        decay_b: float = 1000.0,
+        decay_gamma: float = 0.55,
+        alpha: float = 0.99,
+        eps: float = 1e-5,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(
+            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, schedule, decay_b,
+            decay_gamma, seed, progress,
+        )  # fmt: skip
         if not 0 < alpha < 1 or not eps > 0:
             raise ValueError(f"pSGLD needs 0 < alpha < 1 and eps > 0, got alpha={alpha!r}, eps={eps!r}")
         self.alpha, self.eps = float(alpha), float(eps)
@@ -298,7 +339,7 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
     Args:
         num_cycles: M, the number of cycles (default 4).
         exploration: beta, the noise-free fraction of each cycle (default 0.5).
-        step_size: ``alpha_0``, the learning rate at each cycle's start; None: 2e-3
+        step_size: ``alpha_0``, the learning rate at each cycle's start; None: 2e-2
             (the mean over a cycle, ``alpha_0 / 2``, matches SGLD's default).
         warmup: transitions discarded (default 0: each exploration stage is the burn-in).
         others: as :class:`SGLD` (no ``schedule``).
@@ -314,11 +355,11 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
     """
 
     name = "csgld"
-    default_step_size = 2e-3
+    default_step_size = 2e-2
 
     def __init__(
         self,
-        num_samples: int = 500,
+        num_samples: int = 1000,
         warmup: int = 0,
         num_chains: int = 1,
         step_size: float | None = None,
@@ -343,7 +384,7 @@ class CyclicalSGHMC(_CyclicalMixin, _SGMCMC):
 
     Args:
         friction: ``a`` (default 0.9, the reference code's value; ``a = 1`` is cSGLD).
-        step_size: ``alpha_0``; None: 2e-3.
+        step_size: ``alpha_0``; None: 2e-2.
         others: as :class:`CyclicalSGLD`.
 
     Example:
@@ -353,11 +394,11 @@ class CyclicalSGHMC(_CyclicalMixin, _SGMCMC):
     """
 
     name = "csghmc"
-    default_step_size = 2e-3
+    default_step_size = 2e-2
 
     def __init__(
         self,
-        num_samples: int = 500,
+        num_samples: int = 1000,
         warmup: int = 0,
         num_chains: int = 1,
         step_size: float | None = None,
