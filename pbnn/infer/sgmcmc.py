@@ -339,8 +339,10 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
     Args:
         num_cycles: M, the number of cycles (default 4).
         exploration: beta, the noise-free fraction of each cycle (default 0.5).
-        step_size: ``alpha_0``, the learning rate at each cycle's start; None: 2e-2
-            (the mean over a cycle, ``alpha_0 / 2``, matches SGLD's default).
+        step_size: ``alpha_0``, the learning rate at each cycle's start; None: 5e-3. Each
+            cycle restarts at ``alpha_0`` wherever the last one ended (possibly a sharp, low-noise
+            region), so it must be stable there: on the gap demo data 1e-2 and 2e-2 diverged at
+            a cycle restart.
         warmup: transitions discarded (default 0: each exploration stage is the burn-in).
         others: as :class:`SGLD` (no ``schedule``).
 
@@ -355,7 +357,7 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
     """
 
     name = "csgld"
-    default_step_size = 2e-2
+    default_step_size = 5e-3
 
     def __init__(
         self,
@@ -384,7 +386,7 @@ class CyclicalSGHMC(_CyclicalMixin, _SGMCMC):
 
     Args:
         friction: ``a`` (default 0.9, the reference code's value; ``a = 1`` is cSGLD).
-        step_size: ``alpha_0``; None: 2e-2.
+        step_size: ``alpha_0``; None: 5e-3.
         others: as :class:`CyclicalSGLD`.
 
     Example:
@@ -394,7 +396,7 @@ class CyclicalSGHMC(_CyclicalMixin, _SGMCMC):
     """
 
     name = "csghmc"
-    default_step_size = 2e-2
+    default_step_size = 5e-3
 
     def __init__(
         self,
