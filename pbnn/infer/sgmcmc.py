@@ -386,7 +386,7 @@ class CyclicalSGHMC(_CyclicalMixin, _SGMCMC):
 
     Args:
         friction: ``a`` (default 0.9, the reference code's value; ``a = 1`` is cSGLD).
-        step_size: ``alpha_0``; None: 5e-3.
+        step_size: ``alpha_0``; None: 2e-3 (5e-3 diverged at a cycle restart on the gap demo data).
         others: as :class:`CyclicalSGLD`.
 
     Example:
@@ -396,7 +396,7 @@ class CyclicalSGHMC(_CyclicalMixin, _SGMCMC):
     """
 
     name = "csghmc"
-    default_step_size = 5e-3
+    default_step_size = 2e-3
 
     def __init__(
         self,
