@@ -2,15 +2,33 @@
 
 Example:
     >>> import pbnn
-    >>> sorted(pbnn.infer.BACKENDS)[:2]
-    ['map', 'svi']
+    >>> {"map", "svi"} <= set(pbnn.infer.BACKENDS)
+    True
 """
 
 from pbnn.infer.base import BACKENDS, Backend, make_backend, register
 from pbnn.infer.map import MAP
+from pbnn.infer.sgmcmc import PSGLD, SGHMC, SGLD, CyclicalSGHMC, CyclicalSGLD
 from pbnn.infer.svi import SVI
 
 register("svi", SVI)
 register("map", MAP)
+register("sgld", SGLD)
+register("sghmc", SGHMC)
+register("psgld", PSGLD)
+register("csgld", CyclicalSGLD)
+register("csghmc", CyclicalSGHMC)
 
-__all__ = ["BACKENDS", "Backend", "make_backend", "register", "SVI", "MAP"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "make_backend",
+    "register",
+    "SVI",
+    "MAP",
+    "SGLD",
+    "SGHMC",
+    "PSGLD",
+    "CyclicalSGLD",
+    "CyclicalSGHMC",
+]

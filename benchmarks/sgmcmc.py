@@ -1,0 +1,77 @@
+"""Time per SG-MCMC gradient step on a pbnn.BNN against a plain torch.optim.SGD step.
+
+Net: 10 -> 100 -> 100 -> 1 tanh MLP, batch 128 of N = 4096 points. Each SG-MCMC step is a
+kernel step (minibatch draw, log joint on pbnn.potential.Potential, autograd, update,
+divergence check). Run: ``python benchmarks/sgmcmc.py``; prints ratios to the SGD step
+measured in the same process (target <= 1.3x).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import pbnn
+from pbnn.sgmcmc import CyclicalSGLDKernel, SGHMCKernel, SGLDKernel
+
+
+def make_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(10, 100), torch.nn.Tanh(), torch.nn.Linear(100, 100), torch.nn.Tanh(), torch.nn.Linear(100, 1)
+    )
+
+
+def per_step(fn, n=300, repeat=5):
+    for _ in range(20):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t) / n)
+    return best
+
+
+def main():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 10, generator=g)
+    y = torch.sin(x[:, 0]) + 0.1 * torch.randn(4096, generator=g)
+    batch = 128
+
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    batches = pbnn.training.batch_indices(len(x), batch, g)
+
+    def sgd_step():
+        idx = next(batches)
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(net(x[idx])[:, 0], y[idx])
+        loss.backward()
+        opt.step()
+
+    base = per_step(sgd_step)
+    print(f"torch.optim.SGD step: {base * 1e6:8.1f} us")
+    model = pbnn.BNN(make_net())
+    kernels = {
+        "SGLD": SGLDKernel(model, 1e-4, batch_size=batch, seed=0),
+        "SGHMC": SGHMCKernel(model, 1e-5, batch_size=batch, seed=0),
+        "cSGLD": CyclicalSGLDKernel(model, 1e-4, batch_size=batch, cycle_length=1000, num_cycles=4, seed=0),
+    }
+    for name, k in kernels.items():
+        k.setup(0, x, y)
+        state = {"z": k._z}
+
+        def step(k=k, state=state):
+            k._step += 1
+            state["z"] = k._one_step(state["z"], k._schedule(k._step), not k._exploring(k._step))
+
+        t = per_step(step)
+        print(f"{name:>6} step: {t * 1e6:8.1f} us   ratio to SGD: {t / base:5.2f}x")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
