@@ -9,6 +9,9 @@
 # The samplers are pbnn's pure update functions; run with `python tutorials/sgmcmc_mixture.py`.
 
 # %%
+import os
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -19,7 +22,10 @@ from pbnn.sgmcmc import cyclical_cosine, is_exploration, polynomial_decay, sgld_
 
 grid = torch.tensor([-4.0, -2.0, 0.0, 2.0, 4.0], dtype=torch.float64)
 centres = torch.cartesian_prod(grid, grid)
-var, steps, cycles = 0.03, 50_000, 30
+QUICK = os.environ.get("PBNN_QUICK") == "1"  # smoke run: fewer steps, same code
+OUT = Path(os.environ.get("PBNN_TUTORIAL_OUT", "tutorials/output"))
+OUT.mkdir(parents=True, exist_ok=True)
+var, steps, cycles = 0.03, 5_000 if QUICK else 50_000, 30
 
 
 def grad_u(x):
@@ -59,5 +65,5 @@ for ax, (name, s) in zip(axes, samples.items()):
     ax.set_ylim(-6, 6)
     print(f"{name}: {modes} of 25 modes visited")
 fig.tight_layout()
-fig.savefig("sgmcmc_mixture.png", dpi=120)
-print("wrote sgmcmc_mixture.png")
+fig.savefig(OUT / "sgmcmc_mixture.png", dpi=120)
+print(f"wrote {OUT / 'sgmcmc_mixture.png'}")
