@@ -2,15 +2,17 @@
 
 Example:
     >>> import pbnn
-    >>> sorted(pbnn.infer.BACKENDS)[:2]
-    ['map', 'svi']
+    >>> {"map", "svi"} <= set(pbnn.infer.BACKENDS)
+    True
 """
 
 from pbnn.infer.base import BACKENDS, Backend, make_backend, register
+from pbnn.infer.laplace import Laplace
 from pbnn.infer.map import MAP
 from pbnn.infer.svi import SVI
 
 register("svi", SVI)
 register("map", MAP)
+register("laplace", Laplace)
 
-__all__ = ["BACKENDS", "Backend", "make_backend", "register", "SVI", "MAP"]
+__all__ = ["BACKENDS", "Backend", "make_backend", "register", "SVI", "MAP", "Laplace"]
