@@ -401,7 +401,7 @@ def _lbfgs_polish(params: list[torch.Tensor], loss_fn) -> None:
     before = [p.detach().clone() for p in params]
     with torch.no_grad():
         start = float(loss_fn())
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=500, history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=100, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad(set_to_none=True)
