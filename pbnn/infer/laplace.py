@@ -175,7 +175,7 @@ class Laplace(Backend):
             dev2 = (theta - prior_mean) ** 2 if prior_mean is not None else None
             prec, lml_fn = self._prior_precision(curv, groups, theta, dev2, model_prec, log_lik)
             approx = _approximation(curv, prec, theta, names, values, groups)
-            lml = float(lml_fn(prec)) if lml_fn is not None else None
+            lml = float(lml_fn(prec))
             draws = approx.sample(self.num_samples)
         fixed = {**fixed_det, **{k: v.detach() for k, v in values.items() if k not in names}}
         samples = {k: v.detach().unsqueeze(0) for k, v in draws.items()}
@@ -295,7 +295,6 @@ class Laplace(Backend):
         labels = list(dict.fromkeys(layer_of)) if self.prior_structure == "layerwise" else ["all"]
         gid = [labels.index(lay) if self.prior_structure == "layerwise" else 0 for lay in layer_of]
         index = torch.cat([torch.full((s,), g, dtype=torch.long) for s, g in zip(sizes, gid)])
-        layer_group = {lay: (labels.index(lay) if self.prior_structure == "layerwise" else 0) for lay in layer_of}
 
         def per_group(prec: torch.Tensor) -> list[float]:  # representative value per group
             return [float(prec[(index == g).nonzero()[0, 0]]) for g in range(len(labels))]
@@ -303,13 +302,12 @@ class Laplace(Backend):
         return {
             "labels": labels,
             "index": index,
-            "layer_group": layer_group,
             "values": per_group,
             "_sizes": dict(zip(names, sizes)),
         }
 
     def _prior_precision(self, curv, groups, theta, dev2, model_prec, log_lik):
-        """The prior precision per flat weight, and ``lml(prec)`` (None without a Gaussian prior)."""
+        """The prior precision per flat weight, and ``lml(prec)``, the Laplace log marginal likelihood."""
         kind, obj = curv
         index = groups["index"]
 
@@ -328,9 +326,7 @@ class Laplace(Backend):
             return log_lik - 0.5 * (prec * dev2).sum() + 0.5 * prec.log().sum() - 0.5 * logdet(prec)
 
         if dev2 is None:
-            if self.prior_precision != "prior" or kind == "kfac":
-                raise ValueError(_NON_GAUSSIAN_PRIOR)
-            dev2 = torch.zeros_like(theta)
+            raise ValueError(_NON_GAUSSIAN_PRIOR)
         if self.prior_precision == "prior":
             prec = model_prec
         elif self.prior_precision == "marglik":
@@ -347,7 +343,7 @@ class Laplace(Backend):
             prec = torch.full_like(theta, float(self.prior_precision))
         if kind == "kfac":
             _check_uniform_per_layer(prec, groups, obj[0])
-        return prec.detach(), (lml if model_prec is not None or self.prior_precision != "prior" else None)
+        return prec.detach(), lml
 
 
 _NON_GAUSSIAN_PRIOR = (
