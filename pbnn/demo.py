@@ -1,4 +1,4 @@
-"""The README's demo: SVI vs MAP on 1-D regression with a gap in the inputs.
+"""The README's demo: SVI and Laplace vs MAP on 1-D regression with a gap in the inputs.
 
 Run ``bash scripts/demo.sh`` (or ``python -m pbnn.demo --out DIR``). It prints the ELBO
 progress, a table of test RMSE / NLL / 90%-interval coverage per method, and writes an
@@ -39,10 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
     d = gap_regression(seed=0)
     model = make_model()
     rows, preds, posts = {}, {}, {}
-    for method in ("map", "svi"):
+    steps = {"map": {"num_steps": args.steps}, "svi": {"num_steps": args.steps}, "laplace": {"map_steps": args.steps}}
+    for method in ("map", "svi", "laplace"):
         print(f"fitting {method} ...", flush=True)
         t0 = time.perf_counter()
-        post = pbnn.fit(model, d["x_train"], d["y_train"], method=method, num_steps=args.steps, seed=0)
+        post = pbnn.fit(model, d["x_train"], d["y_train"], method=method, seed=0, **steps[method])
         fit_s = time.perf_counter() - t0
         pred = post.predict(d["x_test"])
         posts[method], preds[method] = post, pred

@@ -135,6 +135,16 @@ class Posterior:
         lp = self.predict(self.data.x).pointwise_log_likelihood(self.data.y)
         return lp.reshape(self.num_chains, self.num_draws, -1)
 
+    def log_marginal_likelihood(self) -> float:
+        """The backend's estimate of ``log p(y | x)`` for model comparison (e.g. Laplace's)."""
+        value = self.info.get("log_marginal_likelihood")
+        if value is None:
+            raise ValueError(
+                f"this {self.method!r} posterior has no marginal-likelihood estimate; fit with "
+                "method='laplace' (and a Gaussian prior) to get one"
+            )
+        return float(value)
+
     # ------------------------------------------------------------------ ArviZ
     def to_arviz(self):
         """ArviZ ``InferenceData`` with posterior, sample_stats, observed_data and log_likelihood."""

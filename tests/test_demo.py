@@ -7,6 +7,8 @@ def test_demo_svi_beats_map(tmp_path, capsys):
     rows = main(["--out", str(tmp_path)])
     assert rows["svi"]["nll"] < rows["map"]["nll"]
     assert rows["svi"]["gap_sd"] > 1.5 * rows["map"]["gap_sd"]
+    assert rows["laplace"]["nll"] < rows["map"]["nll"]
+    assert rows["laplace"]["gap_sd"] > 1.5 * rows["map"]["gap_sd"]
     assert (tmp_path / "predictive_bands.png").stat().st_size > 10_000
     assert (tmp_path / "svi_forest.png").stat().st_size > 10_000
     assert "SVI beats MAP" in capsys.readouterr().out

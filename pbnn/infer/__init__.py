@@ -7,12 +7,14 @@ Example:
 """
 
 from pbnn.infer.base import BACKENDS, Backend, make_backend, register
+from pbnn.infer.laplace import Laplace
 from pbnn.infer.map import MAP
 from pbnn.infer.sgmcmc import PSGLD, SGHMC, SGLD, CyclicalSGHMC, CyclicalSGLD
 from pbnn.infer.svi import SVI
 
 register("svi", SVI)
 register("map", MAP)
+register("laplace", Laplace)
 register("sgld", SGLD)
 register("sghmc", SGHMC)
 register("psgld", PSGLD)
@@ -26,6 +28,7 @@ __all__ = [
     "register",
     "SVI",
     "MAP",
+    "Laplace",
     "SGLD",
     "SGHMC",
     "PSGLD",

@@ -1,0 +1,626 @@
+"""Laplace approximation: a Gaussian at the MAP whose precision is the curvature there.
+
+Three independent choices (as in laplace-torch, Daxberger et al. 2021, "Laplace Redux"):
+
+* ``subset``: which weights get the Gaussian (``"all"`` Bayesian weights or the
+  ``"last_layer"``); the rest, the likelihood noise (e.g. a learned ``sigma``) and prior
+  hyper-parameters stay at their MAP values (in ``Posterior.fixed``);
+* ``hessian``: the curvature: ``"full"`` (exact Hessian via Pyro's
+  ``AutoLaplaceApproximation``, small nets), ``"ggn"`` (full generalised Gauss-Newton),
+  ``"diag"`` (its diagonal) or ``"kfac"`` (Kronecker-factored per ``nn.Linear``);
+* ``predictive``: ``"glm"`` (the network linearised at the MAP, closed-form Gaussian for
+  regression, probit approximation for classification) or ``"nn"`` (run the net at weight
+  draws).
+
+The prior precision is the model's Gaussian prior (``"prior"``), a number, or tuned by
+maximising the Laplace log marginal likelihood (``"marglik"``, scalar or per layer).
+
+Example:
+    >>> import torch, pbnn
+    >>> x = torch.randn(40, 1); y = 2 * x[:, 0] + 0.1 * torch.randn(40)
+    >>> model = pbnn.BNN(torch.nn.Linear(1, 1), likelihood=pbnn.likelihoods.Gaussian(0.1))
+    >>> post = pbnn.fit(model, x, y, method="laplace", map_steps=300, progress=False, seed=0)
+    >>> post.samples["weight"].shape, round(float(post.predict(x).mean[0] / x[0, 0]), 1)
+    (torch.Size([1, 1000, 1, 1]), 2.0)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer.autoguide import AutoLaplaceApproximation, init_to_value
+from pyro.ops.hessian import hessian as pyro_hessian
+from torch.distributions import Independent, MultivariateNormal, Normal
+from torch.distributions.transforms import identity_transform
+
+from pbnn import likelihoods as _lik
+from pbnn.approx import FlatApproximation
+from pbnn.curvature import (
+    KroneckerApproximation,
+    check_likelihood,
+    flatten,
+    ggn_diag,
+    ggn_full,
+    kfac_factors,
+    linear_layers,
+    output_jacobian,
+)
+from pbnn.data import Data
+from pbnn.infer.base import Backend, check_positive, check_positive_int
+from pbnn.model import BNN
+from pbnn.posterior import Posterior
+from pbnn.potential import Potential
+from pbnn.predictive import Prediction, predict_bnn
+from pbnn.training import resolve_batch_size, run_adam, seeded
+
+__all__ = ["Laplace", "LaplacePredictor", "GLMPrediction", "FULL_HESSIAN_LIMIT", "DENSE_LIMIT"]
+
+HESSIANS = ("full", "ggn", "diag", "kfac")
+SUBSETS = ("all", "last_layer")
+PREDICTIVES = ("glm", "nn")
+STRUCTURES = ("scalar", "layerwise")
+# hessian="full" takes D reverse passes and a dense D x D inverse: refused above this D.
+FULL_HESSIAN_LIMIT = 1000
+# hessian="ggn" stores a dense D x D matrix (and Cholesky-factors it): refused above this D.
+DENSE_LIMIT = 5000
+
+
+class Laplace(Backend):
+    """Laplace approximation at the MAP with GGN / KFAC / diagonal / exact-Hessian curvature.
+
+    Args:
+        hessian: ``"ggn"`` (default: full generalised Gauss-Newton, positive semi-definite by
+            construction, D <= 5000), ``"diag"``, ``"kfac"`` (``nn.Linear`` layers only) or
+            ``"full"`` (the exact Hessian of the negative log joint from Pyro's
+            ``AutoLaplaceApproximation``, D <= 1000; often not positive definite for BNNs).
+        subset: ``"all"`` Bayesian weights or ``"last_layer"`` (the last module with parameters).
+        prior_precision: ``"marglik"`` (default: tuned by maximising the Laplace log marginal
+            likelihood), ``"prior"`` (the model's own Gaussian prior) or a positive number.
+        prior_structure: for ``"marglik"``: one precision (``"scalar"``) or one per layer
+            (``"layerwise"``; a layer's weight and bias share it).
+        predictive: ``"glm"`` (default, as Laplace Redux recommends: linearised network,
+            probit for classification) or ``"nn"`` (run the network at weight draws).
+        on_indefinite: for ``hessian="full"``, what to do when the Hessian is not positive
+            definite: ``"ggn"`` (warn and use the GGN) or ``"raise"`` (ValueError).
+        map_steps, lr, batch_size: Adam steps, learning rate and minibatch size of the MAP fit
+            (as :class:`pbnn.infer.MAP`).
+        refine: polish a full-batch MAP with L-BFGS so the gradient is ~0 there, as the Laplace
+            expansion assumes.
+        num_samples: weight draws stored in the Posterior (more can be made).
+        seed: seed for the MAP initialisation, minibatches and draws.
+        progress: show a progress bar for the MAP fit.
+
+    Example:
+        >>> import pbnn
+        >>> pbnn.infer.Laplace(hessian="kfac", subset="last_layer").hessian
+        'kfac'
+    """
+
+    name = "laplace"
+
+    def __init__(
+        self,
+        hessian: str = "ggn",
+        subset: str = "all",
+        prior_precision: str | float = "marglik",
+        prior_structure: str = "scalar",
+        predictive: str = "glm",
+        on_indefinite: str = "ggn",
+        map_steps: int = 3000,
+        lr: float = 0.01,
+        batch_size: int | None = None,
+        refine: bool = True,
+        num_samples: int = 1000,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        for opt, val, allowed in (
+            ("hessian", hessian, HESSIANS),
+            ("subset", subset, SUBSETS),
+            ("prior_structure", prior_structure, STRUCTURES),
+            ("predictive", predictive, PREDICTIVES),
+            ("on_indefinite", on_indefinite, ("ggn", "raise")),
+        ):
+            if val not in allowed:
+                raise ValueError(f"{opt} must be one of {allowed}, got {val!r}")
+        if isinstance(prior_precision, str):
+            if prior_precision not in ("marglik", "prior"):
+                raise ValueError(
+                    f"prior_precision must be 'marglik', 'prior' or a positive number, got {prior_precision!r}"
+                )
+        else:
+            prior_precision = check_positive("prior_precision", prior_precision)
+        self.hessian = hessian
+        self.subset = subset
+        self.prior_precision = prior_precision
+        self.prior_structure = prior_structure
+        self.predictive = predictive
+        self.on_indefinite = on_indefinite
+        self.map_steps = check_positive_int("map_steps", map_steps)
+        self.lr = check_positive("lr", lr)
+        self.batch_size = batch_size
+        self.refine = bool(refine)
+        self.num_samples = check_positive_int("num_samples", num_samples)
+        self.seed = seed
+        self.progress = progress
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, model, data: Data) -> Posterior:
+        if not isinstance(model, BNN):
+            raise ValueError(
+                "method='laplace' needs a pbnn.BNN (it differentiates the network functionally); "
+                "for a hand-written Pyro model use method='svi' or 'map'"
+            )
+        if self.hessian != "full" or self.predictive == "glm":
+            check_likelihood(model.likelihood)
+        names = self._subset_names(model)
+        dim = sum(int(math.prod(p.shape)) for n, p in model.net.named_parameters() if n in names)
+        self._check_dim(dim)
+        batch = resolve_batch_size(self.batch_size, len(data))
+        with seeded(self.seed):
+            values, fixed_det, losses = self._fit_map(model, data, batch)
+            out_dim = model.output_dim(data.x)
+            noise = {n: values[n] for n in model.noise_sites(out_dim)}
+            params = {**fixed_det, **{n: values[n] for n in model.bayesian_names}}
+            theta = flatten(values, names).detach().double()
+            prior_mean, model_prec = _gaussian_prior(model, values, names)
+            curv, hessian, note = self._curvature(model, data, values, fixed_det, params, noise, names, model_prec)
+            groups = self._groups(model, names, hessian)
+            log_lik = float(model.log_likelihood(values, data.x, data.y, fixed_det).sum())
+            dev2 = (theta - prior_mean) ** 2 if prior_mean is not None else None
+            prec, lml_fn = self._prior_precision(curv, groups, theta, dev2, model_prec, log_lik)
+            approx = _approximation(curv, prec, theta, names, values, groups)
+            lml = float(lml_fn(prec))
+            draws = approx.sample(self.num_samples)
+        fixed = {**fixed_det, **{k: v.detach() for k, v in values.items() if k not in names}}
+        samples = {k: v.detach().unsqueeze(0) for k, v in draws.items()}
+        info = {
+            "losses": losses,
+            "hessian": hessian,
+            "subset": self.subset,
+            "predictive": self.predictive,
+            "prior_precision": {g: float(p) for g, p in zip(groups["labels"], groups["values"](prec))},
+            "log_marginal_likelihood": lml,
+        }
+        if note:
+            info["indefinite"] = note
+        predictor = LaplacePredictor(self.predictive, names, {n: values[n].detach() for n in names})
+        return Posterior(
+            model,
+            samples,
+            data=data,
+            method=self.name,
+            fixed=fixed,
+            approximation=approx,
+            predictor=predictor,
+            info=info,
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def _subset_names(self, model: BNN) -> list[str]:
+        if self.subset == "all":
+            return list(model.bayesian_names)
+        last = [m for m in model.net.modules() if any(True for _ in m.parameters(recurse=False))][-1]
+        ids = {id(p) for p in last.parameters(recurse=False)}
+        names = [n for n, p in model.net.named_parameters() if id(p) in ids and n in model.bayesian_names]
+        if not names:
+            raise ValueError("subset='last_layer': the model's last layer has no Bayesian parameters; use subset='all'")
+        return names
+
+    def _check_dim(self, dim: int) -> None:
+        if self.hessian == "full" and dim > FULL_HESSIAN_LIMIT:
+            raise ValueError(
+                f"hessian='full' needs {dim} reverse passes and a dense {dim} x {dim} inverse; it is limited to "
+                f"D <= {FULL_HESSIAN_LIMIT} weights. Use hessian='ggn' (D <= {DENSE_LIMIT}), 'diag' or 'kfac', "
+                "or subset='last_layer'"
+            )
+        if self.hessian == "ggn" and dim > DENSE_LIMIT:
+            raise ValueError(
+                f"hessian='ggn' stores a dense {dim} x {dim} matrix; it is limited to D <= {DENSE_LIMIT} weights. "
+                "Use hessian='diag' or 'kfac', or subset='last_layer'"
+            )
+
+    def _fit_map(self, model: BNN, data: Data, batch: int | None):
+        """Adam on the negative log joint (no Jacobian, as pbnn's MAP), then an optional L-BFGS polish."""
+        potential = Potential(model, data)
+        z = potential.initial_z().requires_grad_(True)
+        fixed = {
+            n: p.detach().clone().requires_grad_(True)
+            for n, p in model.net.named_parameters()
+            if n in model.deterministic_names
+        }
+        params = [z, *fixed.values()]
+
+        def loss_fn(idx):
+            return -potential.log_joint(z, idx, fixed, jacobian=False)
+
+        losses = run_adam(
+            params,
+            loss_fn,
+            num_steps=self.map_steps,
+            lr=self.lr,
+            n=len(data),
+            batch_size=batch,
+            desc="Laplace: MAP",
+            progress=self.progress,
+            loss_name="-log joint/N",
+        )
+        if self.refine and batch is None:
+            _lbfgs_polish(params, lambda: loss_fn(None))
+        values, _ = potential.unpack(z.detach())
+        return values, {k: v.detach() for k, v in fixed.items()}, losses
+
+    def _curvature(self, model, data, values, fixed_det, params, noise, names, model_prec):
+        """The log-likelihood curvature ``(kind, object)`` and the Hessian kind actually used."""
+        hessian, note = self.hessian, None
+        if hessian == "full":
+            if model_prec is None:
+                raise ValueError(_NON_GAUSSIAN_PRIOR)
+            H = _pyro_hessian(model, data, values, fixed_det, names).double()
+            _, info = torch.linalg.cholesky_ex(H)
+            if int(info) == 0:
+                # Pyro's Hessian includes the model's prior; keep the likelihood part.
+                return ("dense", H - torch.diag(model_prec)), hessian, None
+            eig = torch.linalg.eigvalsh(H)
+            n_bad = int((eig <= 0).sum())
+            note = (
+                f"the Hessian of the negative log joint at the MAP is not positive definite: {n_bad} of {len(eig)} "
+                f"eigenvalues are <= 0 (smallest {float(eig.min()):.3g}), so it is no Gaussian's precision. "
+                "Fix: hessian='ggn' (the generalised Gauss-Newton, positive semi-definite by construction), "
+                "or more map_steps if the MAP has not converged"
+            )
+            if self.on_indefinite == "raise":
+                raise ValueError(note + "; or on_indefinite='ggn' to fall back automatically")
+            warnings.warn(note + ". Falling back to hessian='ggn'.", stacklevel=3)
+            hessian = "ggn"
+        x = data.x
+        if hessian == "ggn":
+            return ("dense", ggn_full(model, names, params, x, noise).double()), hessian, note
+        if hessian == "diag":
+            return ("diag", ggn_diag(model, names, params, x, noise).double()), hessian, note
+        layers = linear_layers(model, names)
+        return ("kfac", (layers, kfac_factors(model, names, params, x, noise))), hessian, note
+
+    def _groups(self, model, names, hessian) -> dict:
+        """Index of each flat weight's prior-precision group (``"scalar"``: one; else per layer)."""
+        layer_of = [n.rsplit(".", 1)[0] if "." in n else "" for n in names]
+        sizes = [int(math.prod(p.shape)) for n, p in model.net.named_parameters() if n in names]
+        order = {n: i for i, n in enumerate(names)}
+        sizes = [sizes[order[n]] for n in names]
+        labels = list(dict.fromkeys(layer_of)) if self.prior_structure == "layerwise" else ["all"]
+        gid = [labels.index(lay) if self.prior_structure == "layerwise" else 0 for lay in layer_of]
+        index = torch.cat([torch.full((s,), g, dtype=torch.long) for s, g in zip(sizes, gid)])
+
+        def per_group(prec: torch.Tensor) -> list[float]:  # representative value per group
+            return [float(prec[(index == g).nonzero()[0, 0]]) for g in range(len(labels))]
+
+        return {
+            "labels": labels,
+            "index": index,
+            "values": per_group,
+            "_sizes": dict(zip(names, sizes)),
+        }
+
+    def _prior_precision(self, curv, groups, theta, dev2, model_prec, log_lik):
+        """The prior precision per flat weight, and ``lml(prec)``, the Laplace log marginal likelihood."""
+        kind, obj = curv
+        index = groups["index"]
+
+        def logdet(prec: torch.Tensor) -> torch.Tensor:
+            if kind == "dense":
+                L, info = torch.linalg.cholesky_ex(obj + torch.diag(prec))
+                return 2 * L.diagonal().log().sum() if int(info) == 0 else torch.tensor(math.inf, dtype=prec.dtype)
+            if kind == "diag":
+                return (obj + prec).log().sum()
+            layers, factors = obj
+            q = groups.setdefault("_kfac", KroneckerApproximation(layers, {}, factors, {p: 1.0 for p, _, _ in layers}))
+            return q.logdet_precision({p: prec[_first_index(groups, p, layers)] for p, _, _ in layers})
+
+        def lml(prec: torch.Tensor) -> torch.Tensor:
+            # log p(D | theta*) + log N(theta*; mu, P^-1) + D/2 log 2 pi - 1/2 log det(H + P)
+            return log_lik - 0.5 * (prec * dev2).sum() + 0.5 * prec.log().sum() - 0.5 * logdet(prec)
+
+        if dev2 is None:
+            raise ValueError(_NON_GAUSSIAN_PRIOR)
+        if self.prior_precision == "prior":
+            prec = model_prec
+        elif self.prior_precision == "marglik":
+            init = torch.zeros(len(groups["labels"]), dtype=torch.double)
+            if model_prec is not None:  # start from the model's prior (group means)
+                init = torch.stack([model_prec[index == g].mean().log() for g in range(len(init))])
+            prec = _maximise(lambda log_d: lml(log_d.clamp(-20, 20).exp()[index]), init).exp()[index]
+            if not torch.isfinite(lml(prec)):
+                raise ValueError(
+                    "marglik tuning left the posterior precision not positive definite (the exact Hessian's "
+                    "likelihood part is indefinite); use hessian='ggn' or a fixed prior_precision"
+                )
+        else:
+            prec = torch.full_like(theta, float(self.prior_precision))
+        if kind == "kfac":
+            _check_uniform_per_layer(prec, groups, obj[0])
+        return prec.detach(), lml
+
+
+_NON_GAUSSIAN_PRIOR = (
+    "Laplace needs a Gaussian prior on the weights (pbnn.priors.Normal, LayerwiseNormal or HierarchicalNormal) "
+    "to add its precision to the curvature"
+)
+
+
+def _first_index(groups, prefix, layers) -> int:
+    """Flat index of the first weight of layer ``prefix`` (KFAC layers are contiguous in the flat order)."""
+    pos = 0
+    for p, w, b in layers:
+        if p == prefix:
+            return pos
+        pos += groups["_sizes"][w] + (groups["_sizes"][b] if b else 0)
+    raise KeyError(prefix)
+
+
+def _check_uniform_per_layer(prec, groups, layers) -> None:
+    pos = 0
+    for p, w, b in layers:
+        size = groups["_sizes"][w] + (groups["_sizes"][b] if b else 0)
+        block = prec[pos : pos + size]
+        if not torch.allclose(block, block[0].expand_as(block)):
+            raise ValueError(
+                f"hessian='kfac' needs one prior precision per layer, but layer {p!r} has several (e.g. a "
+                "LayerwiseNormal prior with a different bias scale); use prior_precision='marglik' or a number, "
+                "or hessian='diag' / 'ggn'"
+            )
+        pos += size
+
+
+def _gaussian_prior(model: BNN, values: dict, names: list[str]):
+    """Flat prior mean and precision of the subset weights (at the MAP hyper-parameters), or (None, None)."""
+    dists = model.prior_distributions(values)
+    means, precs = [], []
+    for n in names:
+        d = dists[n]
+        while isinstance(d, Independent):
+            d = d.base_dist
+        if not isinstance(d, Normal):
+            return None, None
+        shape = values[n].shape
+        means.append(d.loc.expand(shape).reshape(-1))
+        precs.append(d.scale.expand(shape).reshape(-1).pow(-2))
+    return torch.cat(means).detach().double(), torch.cat(precs).detach().double()
+
+
+def _lbfgs_polish(params: list[torch.Tensor], loss_fn) -> None:
+    """Full-batch L-BFGS from the Adam solution; kept only if it lowers the loss."""
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        start = float(loss_fn())
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=100, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        end = float(loss_fn())
+    if not (math.isfinite(end) and end <= start):
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+
+
+def _maximise(objective, init: torch.Tensor) -> torch.Tensor:
+    """Maximise ``objective(log_delta)`` with L-BFGS (few parameters, smooth): the marglik tuner."""
+    x = init.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [x], lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = -objective(x)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return x.detach()
+
+
+def _pyro_hessian(model: BNN, data: Data, values: dict, fixed_det: dict, names: list[str]) -> torch.Tensor:
+    """The Hessian ``AutoLaplaceApproximation.laplace_approximation`` takes, at the MAP.
+
+    Sites outside ``names`` (other weights, noise, hyper-parameters) are conditioned on their
+    MAP values, deterministic parameters set in a private param-store scope. The loss and its
+    Hessian are Pyro's (guide trace minus model trace, ``pyro.ops.hessian``); pbnn checks it
+    is positive definite before inverting, which Pyro's method does not.
+    """
+    cond = {k: v.detach() for k, v in values.items() if k not in names}
+    with pyro.get_param_store().scope():
+        store = pyro.get_param_store()
+        for k, v in fixed_det.items():
+            store[k] = v.detach().clone()
+        cmodel = poutine.condition(model, data=cond)
+        guide = AutoLaplaceApproximation(cmodel, init_loc_fn=init_to_value(values={n: values[n] for n in names}))
+        guide(data.x, data.y)
+        if list(guide._unconstrained_shapes) != list(names):
+            raise RuntimeError(f"unexpected site order {list(guide._unconstrained_shapes)} vs {names}")
+        guide_trace = poutine.trace(guide).get_trace(data.x, data.y)
+        model_trace = poutine.trace(poutine.replay(cmodel, trace=guide_trace)).get_trace(data.x, data.y)
+        loss = guide_trace.log_prob_sum() - model_trace.log_prob_sum()
+        return pyro_hessian(loss, guide.loc).detach()
+
+
+def _approximation(curv, prec, theta, names, values, groups):
+    kind, obj = curv
+    sites = [(n, values[n].shape, identity_transform) for n in names]
+    dtype = values[names[0]].dtype
+    if kind == "dense":
+        q = MultivariateNormal(theta, precision_matrix=obj + torch.diag(prec))
+        return FlatApproximation(MultivariateNormal(theta.to(dtype), scale_tril=q.scale_tril.to(dtype)), sites)
+    if kind == "diag":
+        return FlatApproximation(Independent(Normal(theta.to(dtype), (obj + prec).rsqrt().to(dtype)), 1), sites)
+    layers, factors = obj
+    deltas = {p: float(prec[_first_index(groups, p, layers)]) for p, _, _ in layers}
+    return KroneckerApproximation(layers, {n: values[n].detach() for n in names}, factors, deltas)
+
+
+# ----------------------------------------------------------------------------- predictive
+def functional_covariance(approx, jac: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> torch.Tensor:
+    """``J Sigma J^T`` ``[M, C, C]`` for the Laplace Gaussian ``approx`` and Jacobian ``jac`` ``[M, C, D]``."""
+    J = jac.double()
+    if isinstance(approx, KroneckerApproximation):
+        per_site, pos = {}, 0
+        for n, s in zip(names, shapes):
+            size = int(math.prod(s))
+            per_site[n] = J[..., pos : pos + size].reshape(J.shape[:2] + tuple(s))
+            pos += size
+        return approx.functional_covariance(per_site)
+    q = approx.q
+    if isinstance(q, Independent):
+        return torch.einsum("mcd,d,med->mce", J, q.base_dist.scale.double() ** 2, J)
+    LtJ = torch.einsum("de,mcd->mce", q.scale_tril.double(), J)  # (L^T J^T): Sigma = L L^T
+    return torch.einsum("mce,mke->mck", LtJ, LtJ)
+
+
+class LaplacePredictor:
+    """The Posterior's predictor for Laplace: linearised (``"glm"``) or sampled-network (``"nn"``).
+
+    Switch after fitting with ``post.predictor.predictive = "nn"``.
+
+    Example:
+        >>> from pbnn.infer.laplace import LaplacePredictor
+        >>> LaplacePredictor("glm", ["weight"], {}).predictive
+        'glm'
+    """
+
+    def __init__(self, predictive: str, names: list[str], mean: dict[str, torch.Tensor]) -> None:
+        if predictive not in PREDICTIVES:
+            raise ValueError(f"predictive must be one of {PREDICTIVES}, got {predictive!r}")
+        self.predictive = predictive
+        self.names = list(names)
+        self.mean = dict(mean)
+
+    def __call__(self, post: Posterior, draws: dict[str, torch.Tensor], x: torch.Tensor) -> Prediction:
+        model = post.model
+        S = draws[self.names[0]].shape[0]
+        det = {n: post.fixed[n] for n in model.deterministic_names}
+        if self.predictive == "nn":
+            full = {k: v.expand((S,) + tuple(v.shape)) for k, v in post.fixed.items() if k not in det}
+            full.update(draws)
+            return predict_bnn(model, full, det, x)
+        params = {n: self.mean.get(n, post.fixed.get(n)) for n, _ in model.net.named_parameters()}
+        with torch.no_grad():
+            f_mu = model.output(params, x)
+        noise = {n: post.fixed[n] for n in model.noise_sites(f_mu.shape[-1])}
+        J = output_jacobian(model, self.names, params, x).detach()
+        shapes = [self.mean[n].shape for n in self.names]
+        F = functional_covariance(post.approximation, J, self.names, shapes).to(f_mu.dtype)
+        # Draws of the linearised network f_mu + J (theta_s - theta*): the per-draw view (ArviZ, LOO).
+        dtheta = torch.cat([(draws[n] - self.mean[n]).reshape(S, -1) for n in self.names], 1)
+        f_s = f_mu + torch.einsum("mcd,sd->smc", J, dtheta)
+        noise_s = {k: v.expand((S,) + tuple(v.shape)) for k, v in noise.items()}
+        return GLMPrediction(f_s, model.likelihood.conditional(f_s, noise_s), f_mu, F, model.likelihood, noise)
+
+
+class GLMPrediction(Prediction):
+    """The linearised-network (GLM) predictive of a Laplace posterior.
+
+    ``f(x) ~ N(f_mu, F)`` with ``F = J Sigma J^T``. Regression: the predictive is
+    ``N(f_mu, F + sigma^2)`` in closed form (mean, variances, ``log_prob``, ``cdf``,
+    ``quantile``); classification: the probit approximation ``softmax(f_mu / sqrt(1 + pi/8
+    diag F))`` (sigmoid for Bernoulli) gives ``probs``, ``log_prob`` and ``entropy``. The
+    per-draw quantities (``samples``, ``pointwise_log_likelihood``, ``aleatoric_entropy``)
+    come from draws of the linearised network.
+
+    Example:
+        >>> import torch, pbnn
+        >>> from pbnn.infer.laplace import GLMPrediction
+        >>> lik = pbnn.likelihoods.Gaussian(0.5)
+        >>> f = torch.zeros(1, 3, 1)
+        >>> p = GLMPrediction(f, lik.conditional(f, {}), f[0], torch.ones(3, 1, 1), lik, {})
+        >>> p.variance          # 1 (linearised weights) + 0.25 (noise)
+        tensor([1.2500, 1.2500, 1.2500])
+    """
+
+    def __init__(self, samples, conditional, f_mean, f_cov, likelihood, noise) -> None:
+        super().__init__(samples, conditional)
+        self.f_mean = f_mean
+        self.f_cov = f_cov
+        self.f_var = f_cov.diagonal(dim1=-2, dim2=-1)
+        self.likelihood = likelihood
+        self.noise = noise
+
+    def _sq(self, t: torch.Tensor) -> torch.Tensor:
+        return t[..., 0] if t.shape[-1] == 1 else t
+
+    def _noise_var(self) -> torch.Tensor:
+        if isinstance(self.likelihood, _lik.MultiTaskGaussian):
+            s = self.noise["sigma"]
+        else:
+            s = self.noise["sigma"] if self.likelihood.learned else self.likelihood.scale
+        return (s**2).expand(self.f_mean.shape[-1:]).expand_as(self.f_mean)
+
+    def _probit_probs(self) -> torch.Tensor:
+        kappa = (1 + math.pi / 8 * self.f_var).rsqrt()
+        if isinstance(self.likelihood, _lik.Bernoulli):
+            return torch.sigmoid(kappa * self.f_mean)[..., 0]
+        return torch.softmax(kappa * self.f_mean, -1)
+
+    def _marginal(self) -> Normal:
+        return Normal(self._sq(self.f_mean), self._sq(self.f_var + self._noise_var()).sqrt())
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._probit_probs() if self.is_classification else self._sq(self.f_mean)
+
+    @property
+    def epistemic_variance(self) -> torch.Tensor:
+        return super().epistemic_variance if self.is_classification else self._sq(self.f_var)
+
+    @property
+    def aleatoric_variance(self) -> torch.Tensor:
+        return super().aleatoric_variance if self.is_classification else self._sq(self._noise_var())
+
+    @property
+    def variance(self) -> torch.Tensor:
+        if self.is_classification:
+            p = self._probit_probs()
+            return p * (1 - p)
+        return self.epistemic_variance + self.aleatoric_variance
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        if not self.is_classification:
+            raise AttributeError("entropy is defined for classification likelihoods only")
+        p = self._probit_probs()
+        if isinstance(self.likelihood, _lik.Bernoulli):
+            p = torch.stack([1 - p, p], -1)
+        return self._entropy(p)
+
+    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        """Closed-form (regression) or probit (classification) log predictive density, ``[N]``."""
+        y = torch.as_tensor(y)
+        if isinstance(self.likelihood, _lik.Bernoulli):
+            p = self._probit_probs().clamp(1e-12, 1 - 1e-12)
+            y = y.to(p.dtype)
+            return y * p.log() + (1 - y) * (1 - p).log()
+        if isinstance(self.likelihood, _lik.Categorical):
+            return self._probit_probs().clamp_min(1e-12).log().gather(-1, y.long()[:, None])[:, 0]
+        y = y.to(self.f_mean.dtype)
+        if self.f_mean.shape[-1] == 1:
+            return self._marginal().log_prob(y.reshape(-1))
+        cov = self.f_cov + torch.diag_embed(self._noise_var())
+        return dist.MultivariateNormal(self.f_mean, covariance_matrix=cov).log_prob(y)
+
+    def cdf(self, y: torch.Tensor) -> torch.Tensor:
+        return self._marginal().cdf(torch.as_tensor(y, dtype=self.f_mean.dtype))
+
+    def quantile(self, q: float) -> torch.Tensor:
+        if self.is_classification:
+            raise ValueError("quantile is defined for regression; for classification use interval()")
+        return self._marginal().icdf(torch.as_tensor(q, dtype=self.f_mean.dtype))
