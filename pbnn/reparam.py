@@ -108,7 +108,8 @@ def _per_channel(module: nn.Module, v: torch.Tensor, out: torch.Tensor) -> torch
 
 
 def _signs(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(0.5).mul_(2).sub_(1)
+    # +-1 with probability 1/2 each (randint is several times faster than bernoulli_ on CPU)
+    return torch.randint(0, 2, shape, dtype=like.dtype, device=like.device).mul_(2).sub_(1)
 
 
 def _sign_shape(module: nn.Module, t: torch.Tensor) -> tuple[int, ...]:
