@@ -169,7 +169,8 @@ def test_supported_nets_fit_without_warning_and_leave_no_hooks():
     net = torch.nn.Sequential(
         torch.nn.Conv1d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(24, 1)
     )
-    model = pbnn.BNN(net, bayesian=lambda n: n != "3.bias")  # one deterministic parameter
+    # one deterministic parameter; hierarchical prior scales stay plainly reparameterised
+    model = pbnn.BNN(net, prior=pbnn.priors.HierarchicalNormal(), bayesian=lambda n: n != "3.bias")
     x = torch.randn(16, 1, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
