@@ -9,7 +9,7 @@ import torch
 import pbnn
 from pbnn.infer.dropout import MCDropout, dropout_targets
 from pbnn.infer.fge import fge_lr
-from pbnn.infer.swag import SWAGNormal, SwagMoments
+from pbnn.infer.swag import SwagMoments, SWAGNormal
 from pbnn.potential import Potential
 
 # ----------------------------------------------------------------------------- SWAG pieces
@@ -89,19 +89,21 @@ def test_swag_centres_on_the_conjugate_posterior_mean_with_a_covariance_of_the_r
         start=500,
         num_steps=1500,
         lr=0.05,
+        swag_lr=0.01,
         num_samples=200,
         seed=0,
         progress=False,
     )
     q = post.approximation.q
     sd = c["cov"].diag().sqrt()
-    # The SWAG mean averages ~200 SGD iterates around the mode (= posterior mean here):
+    # The SWAG mean averages 100 SGD iterates around the mode (= posterior mean here):
     # well within 0.25 posterior sd (the iterates' own spread is of order one sd).
     assert ((q.mean - c["mean"]).abs() / sd).max() < 0.25
     cov = q.covariance_matrix_of_run(0)
     assert torch.linalg.eigvalsh(cov).min() > -1e-7  # positive semi-definite
     # "Right order": SGD-iterate variances are within a factor 10 of the exact ones
-    # (SWAG is a heuristic; its scale depends on the learning rate and batch size).
+    # (SWAG is a heuristic; its scale depends on the learning rate and batch size: here
+    # about 0.2x; swag_lr=0.003 gives 0.03x, 0.03 gives 4x).
     ratio = cov.diag() / c["cov"].diag()
     assert ((ratio > 0.1) & (ratio < 10)).all(), ratio
     # Stored draws come from that Gaussian: their mean is near the SWAG mean.
