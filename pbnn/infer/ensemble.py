@@ -14,7 +14,7 @@ Example:
     >>> import torch, pbnn
     >>> x = torch.linspace(-2, 2, 40)[:, None]; y = torch.sin(x[:, 0])
     >>> net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    >>> post = pbnn.fit(pbnn.BNN(net), x, y, method="ensemble", num_members=3, num_steps=200,
+    >>> post = pbnn.fit(pbnn.BNN(net), x, y, method="ensemble", num_members=3, num_steps=100,
     ...                 progress=False, seed=0)
     >>> post.samples["0.weight"].shape        # [member, 1, *shape]
     torch.Size([3, 1, 8, 1])

@@ -14,8 +14,8 @@ Example:
     >>> import torch, pbnn
     >>> x = torch.linspace(-2, 2, 40)[:, None]; y = torch.sin(x[:, 0])
     >>> net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    >>> post = pbnn.fit(pbnn.BNN(net), x, y, method="fge", pretrain_steps=200, num_cycles=4,
-    ...                 progress=False, seed=0)
+    >>> post = pbnn.fit(pbnn.BNN(net), x, y, method="fge", pretrain_steps=100, num_cycles=4,
+    ...                 cycle_length=10, progress=False, seed=0)
     >>> post.samples["0.weight"].shape            # [1, snapshot, *shape]
     torch.Size([1, 4, 8, 1])
 """

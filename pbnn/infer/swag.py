@@ -26,10 +26,10 @@ Example:
     >>> import torch, pbnn
     >>> x = torch.linspace(-2, 2, 40)[:, None]; y = torch.sin(x[:, 0])
     >>> net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    >>> post = pbnn.fit(pbnn.BNN(net), x, y, method="swag", start=200, num_steps=400, num_samples=10,
+    >>> post = pbnn.fit(pbnn.BNN(net), x, y, method="swag", start=100, num_steps=200, num_samples=10,
     ...                 progress=False, seed=0)
     >>> post.samples["0.weight"].shape, post.info["num_collected"]
-    (torch.Size([1, 10, 8, 1]), 20)
+    (torch.Size([1, 10, 8, 1]), 10)
 """
 
 from __future__ import annotations
