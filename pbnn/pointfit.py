@@ -9,8 +9,8 @@ what the optimiser visits. This module is the one small trainer they share:
   (bootstrap), per-tensor prior weights (MC dropout's ``p_keep`` factor) and a weight
   transform (DropConnect masks);
 * :func:`train_points` - Adam or SGD (momentum) on ``M`` independent points at once
-  (``z`` of shape ``[M, D]``, vectorised with ``torch.func.vmap``; the optimisers act
-  elementwise, so this equals ``M`` separate runs), with a learning-rate schedule, a
+  (``z`` of shape ``[M, D]``; the optimisers act elementwise and the clipping is per
+  point, so this equals ``M`` separate runs, one after the other), with a learning-rate schedule, a
   per-point gradient-norm clip, minibatches and gradient accumulation over ``accumulate``
   minibatches, a tqdm bar through :func:`pbnn.training.optimise`, and a callback after
   each step (SWAG moments, FGE snapshots);
@@ -174,7 +174,7 @@ def train_points(
         optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``).
         batch_size: minibatch size, None for full batch.
         log_joint: ``f(z, idx, fixed, weights) -> scalar`` for one point (default
-            :func:`map_log_joint`); it may use torch's RNG (dropout) when ``M == 1``.
+            :func:`map_log_joint`); it may use torch's RNG (dropout).
         weights: per-point likelihood weights ``[M, N]`` passed to ``log_joint``.
         train_fixed: also optimise the deterministic parameters (else hold them).
         clip_norm: clip each point's gradient norm (the loss is per data point).
@@ -198,21 +198,13 @@ def train_points(
         def log_joint(zz, idx, fx, w):
             return map_log_joint(potential, zz, idx, fx, weights=w)
 
-    # BatchNorm updates its running statistics in place, which vmap cannot do: loop instead.
-    vectorise = num_points > 1 and not has_batchnorm(potential.model.net)
-
-    def per_point(idx):  # [M] log joints
-        if not vectorise:
-            return torch.stack(
-                [
-                    log_joint(z[m], idx, {k: v[m] for k, v in fixed.items()}, None if weights is None else weights[m])
-                    for m in range(num_points)
-                ]
-            )
-        w_in = weights if weights is not None else torch.zeros(num_points, 0)
-        return torch.func.vmap(
-            lambda zz, fx, w: log_joint(zz, idx, fx, w if weights is not None else None), randomness="different"
-        )(z, fixed, w_in)
+    def per_point(idx):  # [M] log joints; points are independent, so one backward serves all
+        return torch.stack(
+            [
+                log_joint(z[m], idx, {k: v[m] for k, v in fixed.items()}, None if weights is None else weights[m])
+                for m in range(num_points)
+            ]
+        )
 
     opt = (
         torch.optim.Adam(params, lr=0.0) if optimizer == "adam" else torch.optim.SGD(params, lr=0.0, momentum=momentum)

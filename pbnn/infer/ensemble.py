@@ -6,9 +6,9 @@ chain (``samples[site]`` is ``[member, 1, *shape]``). With a learned Gaussian no
 each member estimates its own ``sigma``, so the predictive is the mixture of the members'
 Gaussians, as in the paper.
 
-The members are trained together as one vectorised problem (``torch.func.vmap`` over the
-members' weight vectors); Adam acts elementwise and gradients are clipped per member, so
-this is the same as training them one after another, only faster.
+The members are trained by one optimiser over the stacked member vectors (``[M, D]``); Adam
+acts elementwise and gradients are clipped per member, so this is the same as training
+them one after another (sequentially, in this process).
 
 Example:
     >>> import torch, pbnn
