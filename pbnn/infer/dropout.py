@@ -50,7 +50,7 @@ from pbnn.training import resolve_batch_size, seeded
 
 __all__ = ["MCDropout", "DropConnect", "dropout_targets", "weight_decay"]
 
-DEFAULT_P = 0.1
+DEFAULT_P = 0.01
 
 
 def dropout_targets(net: nn.Module, p: float | None) -> dict[str, tuple[nn.Linear, float]]:
@@ -126,7 +126,7 @@ class MCDropout(Backend):
     """MC dropout: train with dropout and the prior's weight decay, keep dropout on at prediction.
 
     Args:
-        p: drop rate (default: the net's own dropout rates, or 0.1 where pbnn inserts
+        p: drop rate (default: the net's own dropout rates, or 0.01 where pbnn inserts
             dropout); when given it overrides the net's rates.
         num_samples: dropout masks (weight draws) stored in the Posterior.
         num_steps, lr, batch_size: training, as :class:`pbnn.infer.MAP` (Adam, learning
