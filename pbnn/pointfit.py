@@ -34,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 
 import torch
@@ -309,8 +308,3 @@ def predict_bn_refresh(post, draws: dict[str, torch.Tensor], x: torch.Tensor) ->
     f = torch.stack(outs)
     noise = {n: draws[n] for n in model.noise_sites(f.shape[-1])}
     return Prediction(f, model.likelihood.conditional(f, noise))
-
-
-def num_batches(n: int, batch_size: int | None) -> int:
-    """Steps per epoch."""
-    return 1 if batch_size is None else math.ceil(n / batch_size)
