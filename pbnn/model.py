@@ -130,8 +130,15 @@ class BNN(nn.Module):
     def output_dim(self, x: torch.Tensor) -> int:
         """Number of network outputs (evaluated once on one input row and cached)."""
         if self._out_dim is None:
-            with torch.no_grad():
-                self._out_dim = int(self.net(x[:1]).reshape(1, -1).shape[-1])
+            # Eval mode: BatchNorm cannot take a one-row batch in train mode (and must not
+            # update its running statistics here).
+            was_training = self.net.training
+            self.net.eval()
+            try:
+                with torch.no_grad():
+                    self._out_dim = int(self.net(x[:1]).reshape(1, -1).shape[-1])
+            finally:
+                self.net.train(was_training)
         return self._out_dim
 
     def noise_sites(self, out_dim: int) -> dict[str, dist.Distribution]:

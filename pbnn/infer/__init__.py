@@ -7,11 +7,16 @@ Example:
 """
 
 from pbnn.infer.base import BACKENDS, Backend, make_backend, register
+from pbnn.infer.dropout import DropConnect, MCDropout
+from pbnn.infer.ensemble import DeepEnsemble
+from pbnn.infer.fge import FGE
 from pbnn.infer.laplace import Laplace
 from pbnn.infer.map import MAP
 from pbnn.infer.sgmcmc import PSGLD, SGHMC, SGLD, CyclicalSGHMC, CyclicalSGLD
 from pbnn.infer.svi import SVI
+from pbnn.infer.swag import SWA, SWAG, MultiSWAG
 
+# approximation
 register("svi", SVI)
 register("map", MAP)
 register("laplace", Laplace)
@@ -20,6 +25,14 @@ register("sghmc", SGHMC)
 register("psgld", PSGLD)
 register("csgld", CyclicalSGLD)
 register("csghmc", CyclicalSGHMC)
+# imitation
+register("ensemble", DeepEnsemble)
+register("swa", SWA)
+register("swag", SWAG)
+register("multiswag", MultiSWAG)
+register("fge", FGE)
+register("mc-dropout", MCDropout)
+register("dropconnect", DropConnect)
 
 __all__ = [
     "BACKENDS",
@@ -34,4 +47,11 @@ __all__ = [
     "PSGLD",
     "CyclicalSGLD",
     "CyclicalSGHMC",
+    "DeepEnsemble",
+    "SWA",
+    "SWAG",
+    "MultiSWAG",
+    "FGE",
+    "MCDropout",
+    "DropConnect",
 ]
