@@ -176,6 +176,8 @@ def nll(pred, y: torch.Tensor, *, moment_matched: bool = False) -> float:
         pred = _regression(pred, "a moment-matched NLL")
         y = _targets(pred, y)
         return float(-torch.distributions.Normal(pred.mean, pred.stddev).log_prob(y).mean())
+    if pred.is_classification:
+        y = _labels(y, *class_probs(pred).shape)
     return float(-pred.log_prob(y).mean())
 
 
@@ -669,7 +671,7 @@ def evaluate(post, x, y, *, num_samples: int | None = None, num_bins: int = 15, 
         p, labels = _probs_labels(pred, y)
         return {
             "accuracy": accuracy(p, labels),
-            "nll": float(-pred.log_prob(labels).mean()),
+            "nll": nll(pred, labels),
             "brier": brier(p, labels),
             "ece": ece(p, labels, num_bins),
             "adaptive_ece": adaptive_ece(p, labels, num_bins),
