@@ -63,10 +63,6 @@ PROB_FLOOR = 1e-12
 
 
 # =============================================================================== input checks
-def _as_pred_or_probs(pred) -> Prediction | torch.Tensor:
-    return pred if isinstance(pred, Prediction) else torch.as_tensor(np.asarray(pred))
-
-
 def class_probs(pred) -> torch.Tensor:
     """Predictive class probabilities ``[N, C]`` (float64) from a Prediction or an array.
 
@@ -84,7 +80,10 @@ def class_probs(pred) -> torch.Tensor:
             raise ValueError("this metric needs a classification Prediction (Categorical or Bernoulli likelihood)")
         p = pred.probs.detach().double()
         return torch.stack([1 - p, p], -1) if p.dim() == 1 else p
-    p = torch.as_tensor(np.asarray(pred, dtype=np.float64))
+    if isinstance(pred, torch.Tensor):
+        p = pred.detach().to(torch.float64)
+    else:
+        p = torch.as_tensor(np.asarray(pred, dtype=np.float64))
     if p.dim() == 1:
         p = torch.stack([1 - p, p], -1)
     if p.dim() != 2:
