@@ -8,7 +8,7 @@ Example:
     >>> import torch, pbnn, pbnn.plots
     >>> p = torch.softmax(torch.randn(200, 3), -1); y = torch.multinomial(p, 1)[:, 0]
     >>> fig = pbnn.plots.reliability_diagram(p, y)
-    >>> fig.axes[0].get_xlabel()
+    >>> fig.axes[1].get_xlabel()
     'confidence'
 """
 
@@ -83,7 +83,6 @@ def reliability_diagram(
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title or f"ECE = {err:.3f}")
     ax.legend(loc="upper left", fontsize=7)
-    ax.set_xlabel("confidence")
     hist.bar(centre, b["count"][keep], width=width * 0.95, color="grey")
     hist.set(xlabel="confidence", ylabel="count", xlim=(0, 1))
     return _finish(fig, path)
