@@ -12,8 +12,9 @@ Example:
     (torch.Size([64]), torch.Size([64]))
 """
 
-from pbnn import approx, arviz_io, data, distributed, infer, likelihoods, metrics, potential, priors
+from pbnn import approx, arviz_io, calibration, data, distributed, infer, likelihoods, metrics, potential, priors
 from pbnn.api import fit
+from pbnn.metrics import evaluate
 from pbnn.model import BNN
 from pbnn.posterior import Posterior
 from pbnn.predictive import Prediction
@@ -25,11 +26,13 @@ __all__ = [
     "Posterior",
     "Prediction",
     "fit",
+    "evaluate",
     "infer",
     "priors",
     "likelihoods",
     "approx",
     "arviz_io",
+    "calibration",
     "data",
     "distributed",
     "metrics",

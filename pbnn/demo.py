@@ -1,8 +1,9 @@
 """The README's demo: SVI and Laplace vs MAP on 1-D regression with a gap in the inputs.
 
 Run ``bash scripts/demo.sh`` (or ``python -m pbnn.demo --out DIR``). It prints the ELBO
-progress, a table of test RMSE / NLL / 90%-interval coverage per method, and writes an
-ArviZ forest plot and the predictive bands (PNG) to the output folder.
+progress, a table of test RMSE / NLL / CRPS / 90%-interval coverage / PIT calibration
+error per method, and writes an ArviZ forest plot, the predictive bands and the
+regression calibration curves (PNG) to the output folder.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import pbnn  # noqa: E402
+import pbnn.plots  # noqa: E402
 from pbnn.datasets import gap_regression  # noqa: E402
 
 
@@ -48,23 +50,21 @@ def main(argv: list[str] | None = None) -> dict:
         pred = post.predict(d["x_test"])
         posts[method], preds[method] = post, pred
         rows[method] = {
-            "rmse": pbnn.metrics.rmse(pred, d["y_test"]),
-            "nll": pbnn.metrics.nll(pred, d["y_test"]),
-            "coverage_90": pbnn.metrics.coverage(pred, d["y_test"], 0.9),
+            **pbnn.evaluate(pred, None, d["y_test"]),
             "gap_sd": float(pred.stddev[d["in_gap"]].mean()),
             "fit_s": fit_s,
         }
         losses = post.info["losses"]
         print(f"  -ELBO/N: start {losses[0]:.3f}  middle {losses[len(losses) // 2]:.3f}  end {losses[-1]:.3f}")
 
-    header = f"{'method':<8}{'RMSE':>8}{'NLL':>8}{'cov90':>8}{'gap sd':>8}{'fit s':>8}"
-    print("\n" + header + "\n" + "-" * len(header))
-    for m, r in rows.items():
-        print(f"{m:<8}{r['rmse']:>8.3f}{r['nll']:>8.3f}{r['coverage_90']:>8.2f}{r['gap_sd']:>8.3f}{r['fit_s']:>8.1f}")
+    cols = ("rmse", "nll", "crps", "coverage_90", "pit_error", "gap_sd", "fit_s")
+    print("\n" + pbnn.metrics.table({m: {c: r[c] for c in cols} for m, r in rows.items()}))
 
     _plot_bands(d, preds, out / "predictive_bands.png")
     _plot_forest(posts["svi"], out / "svi_forest.png")
-    print(f"\nfigures written to {out.resolve()}/: predictive_bands.png, svi_forest.png")
+    for m, pred in preds.items():
+        pbnn.plots.calibration_curve(pred, d["y_test"], title=m.upper(), path=out / f"{m}_calibration.png")
+    print(f"\nfigures written to {out.resolve()}/: predictive_bands.png, svi_forest.png, *_calibration.png")
     verdict = "beats" if rows["svi"]["nll"] < rows["map"]["nll"] else "does NOT beat"
     print(f"SVI {verdict} MAP on test NLL ({rows['svi']['nll']:.3f} vs {rows['map']['nll']:.3f}).")
     return rows

@@ -11,4 +11,6 @@ def test_demo_svi_beats_map(tmp_path, capsys):
     assert rows["laplace"]["gap_sd"] > 1.5 * rows["map"]["gap_sd"]
     assert (tmp_path / "predictive_bands.png").stat().st_size > 10_000
     assert (tmp_path / "svi_forest.png").stat().st_size > 10_000
+    assert (tmp_path / "svi_calibration.png").stat().st_size > 10_000
+    assert {"crps", "pit_error", "coverage_90"} <= set(rows["svi"])
     assert "SVI beats MAP" in capsys.readouterr().out
