@@ -169,17 +169,11 @@ TASKS = {
 }
 
 
-def _classification_metrics(pred, y: torch.Tensor, bins: int = 10) -> dict:
-    probs = pred.probs
-    conf, guess = probs.max(-1)
-    correct = (guess == y).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (conf > lo) & (conf <= hi)
-        if inside.any():
-            ece += inside.float().mean().item() * abs(correct[inside].mean().item() - conf[inside].mean().item())
-    return {"accuracy": correct.mean().item(), "nll": pbnn.metrics.nll(pred, y), "ece": ece}
+# Columns of the benchmark table, taken from pbnn.evaluate.
+TABLE_KEYS = {
+    "regression": ("rmse", "nll", "coverage_90", "crps"),
+    "classification": ("accuracy", "nll", "brier", "ece"),
+}
 
 
 def run_task(task: str, method: str, seed: int = 0, **options) -> dict:
@@ -209,14 +203,8 @@ def run_task(task: str, method: str, seed: int = 0, **options) -> dict:
     t1 = time.perf_counter()
     pred = post.predict(f32(Xte))
     t2 = time.perf_counter()
-    if kind == "regression":
-        row = {
-            "rmse": pbnn.metrics.rmse(pred, y_test),
-            "nll": pbnn.metrics.nll(pred, y_test),
-            "coverage_90": pbnn.metrics.coverage(pred, y_test, 0.9),
-        }
-    else:
-        row = _classification_metrics(pred, y_test)
+    metrics = pbnn.evaluate(pred, None, y_test, seed=seed)
+    row = {k: float(metrics[k]) for k in TABLE_KEYS[kind]}
     return {"task": task, "method": method, "seed": seed, **row, "fit_s": t1 - t0, "predict_s": t2 - t1}
 
 
