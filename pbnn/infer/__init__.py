@@ -2,15 +2,20 @@
 
 Example:
     >>> import pbnn
-    >>> sorted(pbnn.infer.BACKENDS)[:2]
-    ['map', 'svi']
+    >>> "map" in pbnn.infer.BACKENDS
+    True
 """
 
 from pbnn.infer.base import BACKENDS, Backend, make_backend, register
 from pbnn.infer.map import MAP
+from pbnn.infer.mh import MH
+from pbnn.infer.nuts import HMC, NUTS
 from pbnn.infer.svi import SVI
 
 register("svi", SVI)
 register("map", MAP)
+register("nuts", NUTS)
+register("hmc", HMC)
+register("mh", MH)
 
-__all__ = ["BACKENDS", "Backend", "make_backend", "register", "SVI", "MAP"]
+__all__ = ["BACKENDS", "Backend", "make_backend", "register", "SVI", "MAP", "NUTS", "HMC", "MH"]
