@@ -629,30 +629,24 @@ def draws_to_sites(potential, draws: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in values.items()}
 
 
-def pyro_mcmc(kernel, model, data, *, num_samples: int, warmup: int, num_chains: int, progress: bool):
-    """Run Pyro's ``MCMC`` (chains one after another) for a hand-written Pyro model.
+def pyro_mcmc(make_kernel, model, data, *, num_samples: int, warmup: int, num_chains: int, progress: bool):
+    """Run Pyro's ``MCMC`` for a hand-written Pyro model, one chain after another (a fresh
+    kernel from ``make_kernel(model)`` per chain; no worker processes).
 
     Returns ``(samples {site: [C, S, ...]}, sample_stats)``; Pyro records only which
     transitions diverged, so ``diverging`` is the one per-draw statistic.
     """
     from pyro.infer import MCMC
 
-    mcmc = MCMC(
-        kernel,
-        num_samples=num_samples,
-        warmup_steps=warmup,
-        num_chains=num_chains,
-        chain_method="sequential",
-        disable_progbar=not progress,
-    )
-    mcmc.run(data.x, data.y)
-    samples = {k: v.detach() for k, v in mcmc.get_samples(group_by_chain=True).items()}
-    diverging = torch.zeros(num_chains, num_samples, dtype=torch.bool)
-    divs = mcmc.diagnostics().get("divergences", {})
+    chains, diverging = [], torch.zeros(num_chains, num_samples, dtype=torch.bool)
     for c in range(num_chains):
-        idx = divs.get(f"chain {c}", [])
+        mcmc = MCMC(make_kernel(model), num_samples=num_samples, warmup_steps=warmup, disable_progbar=not progress)
+        mcmc.run(data.x, data.y)
+        chains.append({k: v.detach() for k, v in mcmc.get_samples().items()})
+        idx = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
         if len(idx):
             diverging[c, torch.as_tensor(idx, dtype=torch.long)] = True
+    samples = {k: torch.stack([ch[k] for ch in chains]) for k in chains[0]}
     return samples, {"diverging": diverging}
 
 

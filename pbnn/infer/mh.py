@@ -218,9 +218,8 @@ class MH(Backend):
     def _fit_pyro(self, model, data: Data):
         from pyro.infer import RandomWalkKernel
 
-        kernel = RandomWalkKernel(model, init_step_size=self.init_scale, target_accept_prob=self.target_accept)
         samples, _ = mcmc.pyro_mcmc(
-            kernel,
+            lambda m: RandomWalkKernel(m, init_step_size=self.init_scale, target_accept_prob=self.target_accept),
             model,
             data,
             num_samples=self.num_samples * self.thin,

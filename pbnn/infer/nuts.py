@@ -69,7 +69,7 @@ class _HamiltonianBackend(Backend):
                 samples, stats, fixed, info = self._fit_bnn(model, data, gen)
             else:
                 samples, stats = mcmc.pyro_mcmc(
-                    self._pyro_kernel(model),
+                    self._pyro_kernel,
                     model,
                     data,
                     num_samples=self.num_samples,
