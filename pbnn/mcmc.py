@@ -24,10 +24,10 @@ Example:
     >>> import torch
     >>> from pbnn.mcmc import sample_chains, value_and_grad
     >>> target = value_and_grad(lambda z: -0.5 * (z**2).sum(-1))   # standard normal in 2-D
-    >>> out = sample_chains("nuts", target, torch.zeros(2, 2), num_samples=200, warmup=100,
+    >>> out = sample_chains("nuts", target, torch.zeros(2, 2), num_samples=100, warmup=50,
     ...                     generator=torch.Generator().manual_seed(0), progress=False)
     >>> out.draws.shape, sorted(out.stats)[:3]
-    (torch.Size([2, 200, 2]), ['acceptance_rate', 'diverging', 'lp'])
+    (torch.Size([2, 100, 2]), ['acceptance_rate', 'diverging', 'lp'])
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ Example:
     >>> import torch, pbnn
     >>> x = torch.randn(30, 1); y = 2 * x[:, 0] + 0.5 * torch.randn(30)
     >>> model = pbnn.BNN(torch.nn.Linear(1, 1), likelihood=pbnn.likelihoods.Gaussian(0.5))
-    >>> post = pbnn.fit(model, x, y, method="mh", num_samples=200, warmup=200, progress=False, seed=0, warn=False)
+    >>> post = pbnn.fit(model, x, y, method="mh", num_samples=100, warmup=200, thin=1, init="net",
+    ...                 progress=False, seed=0, warn=False)
     >>> post.samples["weight"].shape, 0 < float(post.sample_stats["acceptance_rate"].mean()) < 1
-    (torch.Size([4, 200, 1, 1]), True)
+    (torch.Size([4, 100, 1, 1]), True)
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ Example:
     >>> import torch, pbnn
     >>> x = torch.randn(30, 1); y = 2 * x[:, 0] + 0.5 * torch.randn(30)
     >>> model = pbnn.BNN(torch.nn.Linear(1, 1), likelihood=pbnn.likelihoods.Gaussian(0.5))
-    >>> post = pbnn.fit(model, x, y, method="nuts", num_samples=100, warmup=100, num_chains=2,
-    ...                 progress=False, seed=0, warn=False)
+    >>> post = pbnn.fit(model, x, y, method="nuts", num_samples=50, warmup=50, num_chains=2,
+    ...                 init="net", progress=False, seed=0, warn=False)
     >>> post.samples["weight"].shape, sorted(post.sample_stats)
-    (torch.Size([2, 100, 1, 1]), ['acceptance_rate', 'diverging', 'lp', 'n_steps', 'step_size', 'tree_depth'])
+    (torch.Size([2, 50, 1, 1]), ['acceptance_rate', 'diverging', 'lp', 'n_steps', 'step_size', 'tree_depth'])
 """
 
 from __future__ import annotations
