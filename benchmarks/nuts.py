@@ -96,7 +96,9 @@ def run_pyro(net, x, y, args):
     pyro.set_rng_seed(0)
     model = PyroBNN(net, 0.1)
     init = {f"fc{i + 1}.{p}": getattr(net[2 * i], p).detach().clone() for i in range(2) for p in ("weight", "bias")}
-    kernel = NUTS(model, target_accept_prob=0.8, max_tree_depth=args.max_tree_depth, init_strategy=init_to_value(values=init))
+    kernel = NUTS(
+        model, target_accept_prob=0.8, max_tree_depth=args.max_tree_depth, init_strategy=init_to_value(values=init)
+    )
     mcmc = MCMC(kernel, num_samples=args.pyro_draws, warmup_steps=args.pyro_warmup, disable_progbar=not args.progress)
     t = time.perf_counter()
     mcmc.run(x, y)
@@ -152,8 +154,10 @@ def main():
           f"(x{g_pyro / g_ours:.1f})")  # fmt: skip
 
     ours = run_pbnn(copy.deepcopy(net), x, y, args)
-    print(f"pbnn NUTS: {args.chains} chains x ({args.warmup} warm-up + {args.draws} draws) in {ours['wall']:.1f} s, "
-          f"min bulk ESS {ours['ess']:.0f}, {ours['grads_per_chain']} lockstep leapfrog steps while sampling")  # fmt: skip
+    print(
+        f"pbnn NUTS: {args.chains} chains x ({args.warmup} warm-up + {args.draws} draws) in {ours['wall']:.1f} s, "
+        f"min bulk ESS {ours['ess']:.0f}, {ours['grads_per_chain']} lockstep leapfrog steps while sampling"
+    )
     theirs = run_pyro(copy.deepcopy(net), x, y, args)
     print(f"Pyro NUTS: 1 chain x ({args.pyro_warmup} warm-up + {args.pyro_draws} draws) in {theirs['wall']:.1f} s, "
           f"min bulk ESS {theirs['ess']:.0f}, final step size {float(theirs['step_size']):.3g}")  # fmt: skip
@@ -162,8 +166,10 @@ def main():
     per_draw = (theirs["wall"] / (args.pyro_warmup + args.pyro_draws)) / (
         ours["wall"] / ((args.warmup + args.draws) * args.chains)
     )
-    print(f"ESS/s: pbnn {ours['ess'] / ours['wall']:.3f}, Pyro {theirs['ess'] / theirs['wall']:.3f} -> ratio {ratio:.1f}x "
-          "(Pyro's ESS from its SHORTER run, see --pyro-draws)")  # fmt: skip
+    print(
+        f"ESS/s: pbnn {ours['ess'] / ours['wall']:.3f}, Pyro {theirs['ess'] / theirs['wall']:.3f} -> "
+        f"ratio {ratio:.1f}x (Pyro's ESS from its SHORTER run, see --pyro-draws)"
+    )
     print(f"seconds per iteration per chain (warm-up included): ratio {per_draw:.1f}x in pbnn's favour")
     try:
         import numpyro  # noqa: F401
