@@ -601,7 +601,13 @@ def init_chains(
     from pbnn.training import run_adam
 
     model = potential.model
-    base = potential.pack(init) if isinstance(init, dict) else potential.initial_z()
+    base = potential.initial_z()
+    if isinstance(init, dict):  # given sites override the default start
+        unknown = set(init) - set(potential.names)
+        if unknown:
+            raise ValueError(f"init has unknown sites {sorted(unknown)}; the latent sites are {potential.names}")
+        values, _ = potential.unpack(base)
+        base = potential.pack({**values, **{k: torch.as_tensor(v, dtype=base.dtype) for k, v in init.items()}})
     z0 = base.expand(num_chains, -1) + jitter * torch.randn(num_chains, base.shape[-1], generator=generator)
     fixed = {n: p.detach().clone() for n, p in model.net.named_parameters() if n in model.deterministic_names}
     if init == "map" or fixed:

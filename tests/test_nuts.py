@@ -167,3 +167,14 @@ def test_pyro_model_through_pyro_nuts(conjugate):
     assert post.sample_stats["diverging"].shape == (1, 150)
     # Loose: 150 draws; the posterior sd is ~0.07, so 0.1 still catches a wrong model.
     assert (post.samples["w"].mean((0, 1)) - c["mean"][:2]).abs().max() < 0.1
+
+
+def test_init_dict_starts_there(make_net):
+    model, x, y = _small_bnn(make_net)
+    start = {"sigma": torch.tensor(0.3)}
+    post = pbnn.fit(model, x, y, method="hmc", init=start, init_jitter=0.0, num_samples=2, warmup=0, num_steps=1,
+                    step_size=1e-4, adapt_step_size=False, num_chains=1, progress=False, warn=False)  # fmt: skip
+    # One leapfrog step of size 1e-4 cannot move sigma far from where the chain started.
+    assert abs(float(post.samples["sigma"][0, 0]) - 0.3) < 0.01
+    with pytest.raises(ValueError, match="unknown sites"):
+        pbnn.fit(model, x, y, method="nuts", init={"bogus": torch.zeros(1)}, progress=False)
