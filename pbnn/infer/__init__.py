@@ -12,6 +12,8 @@ from pbnn.infer.ensemble import DeepEnsemble
 from pbnn.infer.fge import FGE
 from pbnn.infer.laplace import Laplace
 from pbnn.infer.map import MAP
+from pbnn.infer.mh import MH
+from pbnn.infer.nuts import HMC, NUTS
 from pbnn.infer.sgmcmc import PSGLD, SGHMC, SGLD, CyclicalSGHMC, CyclicalSGLD
 from pbnn.infer.svi import SVI
 from pbnn.infer.swag import SWA, SWAG, MultiSWAG
@@ -20,6 +22,9 @@ from pbnn.infer.swag import SWA, SWAG, MultiSWAG
 register("svi", SVI)
 register("map", MAP)
 register("laplace", Laplace)
+register("nuts", NUTS)
+register("hmc", HMC)
+register("mh", MH)
 register("sgld", SGLD)
 register("sghmc", SGHMC)
 register("psgld", PSGLD)
@@ -42,6 +47,9 @@ __all__ = [
     "SVI",
     "MAP",
     "Laplace",
+    "NUTS",
+    "HMC",
+    "MH",
     "SGLD",
     "SGHMC",
     "PSGLD",

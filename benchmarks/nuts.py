@@ -1,0 +1,191 @@
+"""pbnn NUTS vs plain Pyro NUTS on the same BNN, in the same process: effective samples per second.
+
+Model (as in issue 3): a 1-20-1 tanh net, 100 points, Normal(0, 1) priors on all 61
+weights, fixed Gaussian noise 0.1. Both samplers start from the same network
+initialisation, use target_accept 0.8 and the same max_tree_depth. The statistic is the
+minimum bulk ESS over all weights (ArviZ) divided by wall time, including warm-up.
+
+Plain Pyro NUTS costs milliseconds per gradient and builds deep trees, so a full-length
+Pyro run does not fit in a few minutes on 2 cores: by default Pyro runs ONE chain with a
+shorter warm-up and fewer draws (``--pyro-warmup``, ``--pyro-draws``). The script prints
+(1) the ESS/s ratio with each sampler's ESS from its own run and (2) per-draw and
+per-gradient time ratios, which do not depend on the noisy ESS of a short run.
+
+Usage: python benchmarks/nuts.py [--chains 4 --warmup 200 --draws 200 --pyro-warmup 50 --pyro-draws 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroSample
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pbnn
+import pbnn  # noqa: E402
+import pbnn.mcmc  # noqa: E402
+
+
+def make_data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.linspace(-2, 2, 100)[:, None]
+    y = torch.sin(2 * x[:, 0]) + 0.1 * torch.randn(100, generator=g)
+    return x, y
+
+
+def make_net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1))
+
+
+class PyroBNN(PyroModule):
+    """The same BNN as a PyroModule, the way the Pyro tutorials write it."""
+
+    def __init__(self, net: torch.nn.Module, sigma: float) -> None:
+        super().__init__()
+        self.fc1 = PyroModule[torch.nn.Linear](1, 20)
+        self.fc2 = PyroModule[torch.nn.Linear](20, 1)
+        for layer in (self.fc1, self.fc2):
+            layer.weight = PyroSample(dist.Normal(0.0, 1.0).expand(layer.weight.shape).to_event(2))
+            layer.bias = PyroSample(dist.Normal(0.0, 1.0).expand(layer.bias.shape).to_event(1))
+        self.sigma = sigma
+
+    def forward(self, x, y=None):
+        f = self.fc2(torch.tanh(self.fc1(x)))[:, 0]
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(f, self.sigma), obs=y)
+        return f
+
+
+def min_ess(samples: dict[str, np.ndarray]) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import arviz as az
+
+        ess = az.ess(az.from_dict(posterior=samples), method="bulk")
+    return float(min(ess[v].values.min() for v in ess.data_vars))
+
+
+def run_pbnn(net, x, y, args):
+    model = pbnn.BNN(net, prior=pbnn.priors.Normal(0.0, 1.0), likelihood=pbnn.likelihoods.Gaussian(0.1))
+    t = time.perf_counter()
+    post = pbnn.fit(
+        model, x, y, method="nuts", num_samples=args.draws, warmup=args.warmup, num_chains=args.chains,
+        max_tree_depth=args.max_tree_depth, init="net", init_jitter=0.0 if args.chains == 1 else 0.1,
+        seed=0, progress=False, warn=False,
+    )  # fmt: skip
+    wall = time.perf_counter() - t
+    ess = min_ess({k: v.numpy() for k, v in post.samples.items()})
+    # Chains that settle in different (permuted) modes make the pooled ESS tiny; the summed
+    # within-chain ESS is what a one-chain run like Pyro's below measures.
+    per_chain = sum(min_ess({k: v[c : c + 1].numpy() for k, v in post.samples.items()}) for c in range(args.chains))
+    grads = int(post.sample_stats["n_steps"].max(0).values.sum())  # lockstep: the longest chain's tree
+    return {"wall": wall, "ess": ess, "ess_chains": per_chain, "grads_per_chain": grads, "post": post}
+
+
+def run_pyro(net, x, y, args):
+    from pyro.infer import MCMC, NUTS
+    from pyro.infer.autoguide import init_to_value
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = PyroBNN(net, 0.1)
+    init = {f"fc{i + 1}.{p}": getattr(net[2 * i], p).detach().clone() for i in range(2) for p in ("weight", "bias")}
+    kernel = NUTS(
+        model, target_accept_prob=0.8, max_tree_depth=args.max_tree_depth, init_strategy=init_to_value(values=init)
+    )
+    mcmc = MCMC(kernel, num_samples=args.pyro_draws, warmup_steps=args.pyro_warmup, disable_progbar=not args.progress)
+    t = time.perf_counter()
+    mcmc.run(x, y)
+    wall = time.perf_counter() - t
+    samples = {k: v.numpy()[None] for k, v in mcmc.get_samples().items()}
+    return {"wall": wall, "ess": min_ess(samples), "draws": args.pyro_draws, "step_size": kernel.step_size}
+
+
+def time_gradient(net, x, y, n=200):
+    """Seconds per gradient of the log joint: pbnn's Potential vs a Pyro trace of the PyroModule."""
+    from pyro.infer.mcmc.util import initialize_model
+
+    model = pbnn.BNN(net, prior=pbnn.priors.Normal(0.0, 1.0), likelihood=pbnn.likelihoods.Gaussian(0.1))
+    pot = pbnn.potential.Potential(model, pbnn.data.validate(model, x, y))
+    fn = pbnn.mcmc.value_and_grad(pot.log_joint_batch)
+    z = pot.initial_z()[None]
+    with pyro.validation_enabled(False):
+        fn(z)
+        t = time.perf_counter()
+        for _ in range(n):
+            fn(z)
+        ours = (time.perf_counter() - t) / n
+    pyro.set_rng_seed(0)
+    init_params, potential_fn, _, _ = initialize_model(PyroBNN(net, 0.1), model_args=(x, y))
+    params = {k: v.detach().requires_grad_(True) for k, v in init_params.items()}
+    from pyro.ops.integrator import potential_grad
+
+    potential_grad(potential_fn, params)
+    t = time.perf_counter()
+    for _ in range(n // 4):
+        potential_grad(potential_fn, params)
+    theirs = (time.perf_counter() - t) / (n // 4)
+    return ours, theirs
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--chains", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--draws", type=int, default=200)
+    p.add_argument("--pyro-warmup", type=int, default=50)
+    p.add_argument("--pyro-draws", type=int, default=50)
+    p.add_argument("--max-tree-depth", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny model, no sync overhead)")
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    x, y = make_data()
+    net = make_net()
+
+    g_ours, g_pyro = time_gradient(copy.deepcopy(net), x, y)
+    print(f"gradient of the log joint: pbnn Potential {g_ours * 1e3:.3f} ms, Pyro trace {g_pyro * 1e3:.3f} ms "
+          f"(x{g_pyro / g_ours:.1f})")  # fmt: skip
+
+    ours = run_pbnn(copy.deepcopy(net), x, y, args)
+    print(
+        f"pbnn NUTS: {args.chains} chains x ({args.warmup} warm-up + {args.draws} draws) in {ours['wall']:.1f} s, "
+        f"min bulk ESS {ours['ess']:.0f}, {ours['grads_per_chain']} lockstep leapfrog steps while sampling"
+    )
+    theirs = run_pyro(copy.deepcopy(net), x, y, args)
+    print(f"Pyro NUTS: 1 chain x ({args.pyro_warmup} warm-up + {args.pyro_draws} draws) in {theirs['wall']:.1f} s, "
+          f"min bulk ESS {theirs['ess']:.0f}, final step size {float(theirs['step_size']):.3g}")  # fmt: skip
+
+    ratio = (ours["ess"] / ours["wall"]) / (theirs["ess"] / theirs["wall"])
+    per_draw = (theirs["wall"] / (args.pyro_warmup + args.pyro_draws)) / (
+        ours["wall"] / ((args.warmup + args.draws) * args.chains)
+    )
+    print(
+        f"ESS/s: pbnn {ours['ess'] / ours['wall']:.3f}, Pyro {theirs['ess'] / theirs['wall']:.3f} -> "
+        f"ratio {ratio:.1f}x (Pyro's ESS from its SHORTER run, see --pyro-draws)"
+    )
+    within = (ours["ess_chains"] / ours["wall"]) / (theirs["ess"] / theirs["wall"])
+    print(
+        f"ESS/s with pbnn's ESS summed over chains (within-chain, as Pyro's one chain): ratio {within:.1f}x "
+        f"(pbnn summed min ESS {ours['ess_chains']:.0f})"
+    )
+    print(f"seconds per iteration per chain (warm-up included): ratio {per_draw:.1f}x in pbnn's favour")
+    try:
+        import numpyro  # noqa: F401
+
+        print("NumPyro is installed but this script does not run it yet.")
+    except ImportError:
+        print("NumPyro not installed: no NumPyro comparison.")
+
+
+if __name__ == "__main__":
+    main()
