@@ -190,8 +190,9 @@ class HMC(_HamiltonianBackend):
             Each draw jitters the step size by up to +-20% so trajectories are not periodic.
         adapt_step_size: dual averaging towards ``target_accept`` during warm-up.
         adapt_mass_matrix: diagonal mass matrix from the warm-up draws (Stan's windows).
-        num_samples, warmup, num_chains, target_accept, init, init_jitter, map_steps, seed,
-        progress, warn, batch_size: as for :class:`NUTS`.
+        others: ``num_samples``, ``warmup``, ``num_chains``, ``target_accept``, ``init``,
+            ``init_jitter``, ``map_steps``, ``seed``, ``progress``, ``warn`` and ``batch_size``
+            mean what they mean for :class:`NUTS`.
 
     Example:
         >>> import pbnn
