@@ -39,6 +39,9 @@ QUICK_OPTIONS = {
     "warmup": 50,
     "num_chains": 1,
     "num_members": 2,
+    "max_tree_depth": 5,
+    "start": 500,
+    "pretrain_steps": 500,
     "progress": False,
 }
 

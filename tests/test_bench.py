@@ -41,3 +41,15 @@ def test_cli_bench_writes_tables(tmp_path, capsys):
     assert main(["bench", "--task", "gap", "--methods", "map", "--seeds", "1", "--out", str(tmp_path)]) == 0
     assert "map" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.csv").read_text().startswith("task,method")
+
+
+def test_cli_bench_quick_smoke(tmp_path):
+    """`pbnn bench --quick` (the CI smoke run): both tasks, both methods, finite metrics."""
+    import csv
+
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in ("gap", "moons") for m in ("map", "svi")}
+    assert all(math.isfinite(float(r["nll"])) for r in rows)
+    moons = [r for r in rows if r["task"] == "moons"]
+    assert all(float(r["accuracy"]) > 0.8 for r in moons)

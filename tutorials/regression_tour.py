@@ -37,13 +37,19 @@ net = torch.nn.Sequential(torch.nn.Linear(1, 50), torch.nn.Tanh(), torch.nn.Line
 model = pbnn.BNN(net, prior=pbnn.priors.Normal(0.0, 1.0), likelihood=pbnn.likelihoods.Gaussian(scale="learned"))
 
 # %% [markdown]
-# ## Fit every backend with its defaults (short runs in quick mode)
+# ## One backend per family, with its defaults (short runs in quick mode)
+#
+# MAP (baseline), SVI and Laplace (approximation), NUTS (MCMC), SGHMC (SG-MCMC), and
+# deep ensembles, SWAG and MC dropout (imitation). NUTS gets a shorter run than its
+# default here so the tour stays within a couple of minutes.
 
 # %%
-methods = sorted(pbnn.infer.BACKENDS)
+methods = ["map", "svi", "laplace", "nuts", "sghmc", "ensemble", "swag", "mc-dropout"]
+tour_options = {"nuts": {"num_samples": 200, "warmup": 200, "num_chains": 2}}
 preds, rows = {}, []
 for method in methods:
-    options = _options_for(method, QUICK_OPTIONS if QUICK else {"progress": False})
+    base = QUICK_OPTIONS if QUICK else {"progress": False, **tour_options.get(method, {})}
+    options = _options_for(method, base)
     post = pbnn.fit(model, d["x_train"], d["y_train"], method=method, seed=0, **options)
     pred = post.predict(d["x_test"])
     preds[method] = pred
