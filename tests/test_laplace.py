@@ -44,8 +44,10 @@ def _flat_mean(post):
 def test_conjugate_mean_covariance_evidence(conjugate, hessian):
     c = conjugate
     post = pbnn.fit(_linear(c), c["x"], c["y"], method="laplace", hessian=hessian, prior_precision="prior", **FAST)
-    # The MAP is the posterior mean; L-BFGS polishes it to float32 precision (|mean| ~ 1).
-    assert torch.allclose(_flat_mean(post), c["mean"].double(), atol=2e-5)
+    # The MAP is the posterior mean; L-BFGS polishes it close to float32 precision. Where it
+    # stops depends on float summation order (thread count), seen up to 1e-4 in a full run:
+    # 2e-4 is still 0.3% of the smallest posterior sd (~0.07).
+    assert torch.allclose(_flat_mean(post), c["mean"].double(), atol=2e-4)
     prec = c["prec"].double()
     q = post.approximation
     phi = _phi(c["x"][:7])
