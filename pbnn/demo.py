@@ -23,6 +23,9 @@ import pbnn  # noqa: E402
 import pbnn.plots  # noqa: E402
 from pbnn.datasets import gap_regression  # noqa: E402
 
+# Baseline, approximation and imitation rows; every other backend is one --methods away.
+DEMO_METHODS = "map,svi,laplace,ensemble,swag,fge,mc-dropout"
+
 
 def make_model() -> pbnn.BNN:
     torch.manual_seed(0)
@@ -33,7 +36,12 @@ def make_model() -> pbnn.BNN:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="pbnn-demo-output", help="output folder for the figures")
-    parser.add_argument("--steps", type=int, default=3000, help="optimisation steps per method")
+    parser.add_argument("--steps", type=int, default=3000, help="optimisation steps for map, svi and laplace")
+    parser.add_argument(
+        "--methods",
+        default=DEMO_METHODS,
+        help=f"comma-separated methods (default: {DEMO_METHODS}; any name in pbnn.infer.BACKENDS works)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,10 +50,13 @@ def main(argv: list[str] | None = None) -> dict:
     model = make_model()
     rows, preds, posts = {}, {}, {}
     steps = {"map": {"num_steps": args.steps}, "svi": {"num_steps": args.steps}, "laplace": {"map_steps": args.steps}}
-    for method in ("map", "svi", "laplace"):
+    methods = args.methods.split(",")
+    if not {"map", "svi"} <= set(methods):
+        parser.error("--methods must include map and svi (the demo compares them)")
+    for method in methods:
         print(f"fitting {method} ...", flush=True)
         t0 = time.perf_counter()
-        post = pbnn.fit(model, d["x_train"], d["y_train"], method=method, seed=0, **steps[method])
+        post = pbnn.fit(model, d["x_train"], d["y_train"], method=method, seed=0, **steps.get(method, {}))
         fit_s = time.perf_counter() - t0
         pred = post.predict(d["x_test"])
         posts[method], preds[method] = post, pred
@@ -54,8 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
             "gap_sd": float(pred.stddev[d["in_gap"]].mean()),
             "fit_s": fit_s,
         }
-        losses = post.info["losses"]
-        print(f"  -ELBO/N: start {losses[0]:.3f}  middle {losses[len(losses) // 2]:.3f}  end {losses[-1]:.3f}")
+        losses = post.info.get("losses")
+        if losses:  # the training objective per data point (-ELBO/N for SVI, -log joint/N for MAP)
+            print(f"  loss: start {losses[0]:.3f}  middle {losses[len(losses) // 2]:.3f}  end {losses[-1]:.3f}")
 
     cols = ("rmse", "nll", "crps", "coverage_90", "pit_error", "gap_sd", "fit_s")
     print("\n" + pbnn.metrics.table({m: {c: r[c] for c in cols} for m, r in rows.items()}))
@@ -71,7 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _plot_bands(d: dict, preds: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(preds), figsize=(5 * len(preds), 3.6), sharey=True)
+    cols = min(4, len(preds))
+    rows = (len(preds) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(preds) :]:
+        ax.axis("off")
+    axes = axes.flat
     xs = d["x_test"][:, 0]
     for ax, (m, pred) in zip(axes, preds.items()):
         lo, hi = pred.interval(0.9)
