@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 from torch import nn
@@ -44,9 +46,20 @@ class Likelihood(nn.Module):
         """``p(y | f, noise)`` with batch shape ``f.shape[:-1]``."""
         raise NotImplementedError
 
+    def log_prob(self, f: torch.Tensor, noise: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """Pointwise ``log p(y | f, noise)``, batch shape ``f.shape[:-1]``.
+
+        Equal to ``conditional(f, noise).log_prob(y)``; subclasses write it out without
+        building a distribution object, because samplers call it once per gradient.
+        """
+        return self.conditional(f, noise).log_prob(y)
+
     def validate_targets(self, y: torch.Tensor, out_dim: int) -> torch.Tensor:
         """Check ``y`` against the network output size; return it in canonical form."""
         raise NotImplementedError
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _check_real_targets(y: torch.Tensor, dim: int, what: str) -> torch.Tensor:
@@ -108,6 +121,15 @@ class Gaussian(Likelihood):
         # sigma has the draw dims of f (if any) but not the data dims: align it.
         sigma = sigma.reshape(sigma.shape + (1,) * (loc.dim() - sigma.dim()))
         return _normal(loc, sigma.expand_as(loc), dim)
+
+    def log_prob(self, f, noise, y):
+        dim = f.shape[-1]
+        sigma = noise["sigma"] if self.learned else self.scale
+        loc = _squeeze_single(f, dim)
+        sigma = sigma.reshape(sigma.shape + (1,) * (loc.dim() - sigma.dim()))
+        u = (y - loc) / sigma
+        lp = -0.5 * u * u - torch.log(sigma) - _HALF_LOG_2PI
+        return lp if dim == 1 else lp.sum(-1)
 
     def validate_targets(self, y, out_dim):
         return _check_real_targets(y, out_dim, "Gaussian")
@@ -211,6 +233,9 @@ class Categorical(Likelihood):
     def conditional(self, f, noise):
         return dist.Categorical(logits=f)
 
+    def log_prob(self, f, noise, y):
+        return torch.log_softmax(f, -1).gather(-1, y.expand(f.shape[:-1])[..., None])[..., 0]
+
     def validate_targets(self, y, out_dim):
         if out_dim < 2:
             raise ValueError("Categorical needs a network with >= 2 outputs (one logit per class); use Bernoulli")
@@ -230,6 +255,10 @@ class Bernoulli(Likelihood):
 
     def conditional(self, f, noise):
         return dist.Bernoulli(logits=f[..., 0])
+
+    def log_prob(self, f, noise, y):
+        logits = f[..., 0]
+        return -torch.nn.functional.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none")
 
     def validate_targets(self, y, out_dim):
         if out_dim != 1:

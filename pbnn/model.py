@@ -174,7 +174,7 @@ class BNN(nn.Module):
     ) -> torch.Tensor:
         """Pointwise ``log p(y_i | x_i, sample)``, shape ``[N]``."""
         f = self.output({**(fixed or {}), **{n: sample[n] for n in self.bayesian_names}}, x)
-        return self.likelihood.conditional(f, self._noise(sample, f.shape[-1])).log_prob(y)
+        return self.likelihood.log_prob(f, self._noise(sample, f.shape[-1]), y)
 
     def _noise(self, sample: dict[str, torch.Tensor], out_dim: int) -> dict[str, torch.Tensor]:
         return {n: sample[n] for n in self.noise_sites(out_dim)}

@@ -64,18 +64,41 @@ class Potential:
         self.transforms = [specs[n][1] for n in self.names]
         self.sizes = [int(math.prod(s)) for s in self.shapes]
         self.dim = sum(self.sizes)
+        self._identity = [_is_identity(t) for t in self.transforms]
+        self._noise_priors = model.noise_sites(self.out_dim)  # built once, not per gradient
+        self._flat_prior = self._fixed_normal_prior(params)
+
+    def _fixed_normal_prior(self, params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(loc [D], precision [D], constant)`` of the weights' prior when every weight has a
+        fixed iid Normal prior (precision 0 on the other coordinates), so the weights' log
+        prior is one fused expression instead of one distribution per tensor."""
+        if self.model.hyper_names:
+            return None
+        loc, prec, const = [], [], 0.0
+        for name, size in zip(self.names, self.sizes):
+            spec = self.model.prior.fixed_normal(name, params[name]) if name in params else (0.0, math.inf)
+            if spec is None:
+                return None
+            m, s = spec
+            loc.append(torch.full((size,), m))
+            prec.append(torch.full((size,), 0.0 if math.isinf(s) else s**-2))
+            const -= 0.0 if math.isinf(s) else size * (math.log(s) + 0.5 * math.log(2 * math.pi))
+        return torch.cat(loc), torch.cat(prec), torch.tensor(const)
 
     # ------------------------------------------------------------------ packing
     def unpack(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Constrained site values from ``z`` ``[..., D]`` and the log Jacobian ``[...]``."""
         batch = z.shape[:-1]
         out, log_det, pos = {}, torch.zeros(batch, dtype=z.dtype, device=z.device), 0
-        for name, shape, size, t in zip(self.names, self.shapes, self.sizes, self.transforms):
+        for name, shape, size, t, ident in zip(self.names, self.shapes, self.sizes, self.transforms, self._identity):
             u = z[..., pos : pos + size].reshape(batch + shape)
+            if ident:
+                out[name] = u
+                pos += size
+                continue
             v = t(u)
             out[name] = v
-            if not _is_identity(t):
-                log_det = log_det + t.log_abs_det_jacobian(u, v).reshape(batch + (-1,)).sum(-1)
+            log_det = log_det + t.log_abs_det_jacobian(u, v).reshape(batch + (-1,)).sum(-1)
             pos += size
         return out, log_det
 
@@ -121,8 +144,18 @@ class Potential:
         if idx is not None:
             x, y, scale = x[idx], y[idx], len(self.data) / idx.shape[0]
         ll = self.model.log_likelihood(sample, x, y, fixed).sum()
-        lp = self.model.log_prior(sample, self.out_dim) + scale * ll
+        lp = self._log_prior(z, sample) + scale * ll
         return lp + log_det if jacobian else lp
+
+    def _log_prior(self, z: torch.Tensor, sample: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._flat_prior is None:
+            return self.model.log_prior(sample, self.out_dim)
+        loc, prec, const = (t.to(z) for t in self._flat_prior)
+        u = z - loc
+        lp = const - 0.5 * (prec * u * u).sum()
+        for name, d in self._noise_priors.items():
+            lp = lp + d.log_prob(sample[name])
+        return lp
 
     def log_joint_batch(
         self, z: torch.Tensor, idx: torch.Tensor | None = None, fixed: dict | None = None

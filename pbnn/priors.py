@@ -59,6 +59,13 @@ class Prior(nn.Module):
         """Log density of one parameter tensor (summed); subclasses may override for speed."""
         return self.distribution(name, value, hyper).log_prob(value)
 
+    def fixed_normal(self, name: str, param: torch.Tensor) -> tuple[float, float] | None:
+        """``(loc, scale)`` when this parameter's prior is a fixed iid Normal, else None.
+
+        The functional potential then evaluates all such weights in one fused expression.
+        """
+        return None
+
     def sample_hyper(self, names: list[str], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sample hyper-parameter sites (none by default)."""
         return {}
@@ -92,6 +99,9 @@ class Normal(Prior):
 
     def log_prob(self, name, value, hyper=None):
         return _normal_log_prob(value, self.loc, self.scale)
+
+    def fixed_normal(self, name, param):
+        return float(self.loc), float(self.scale)
 
     def extra_repr(self) -> str:
         return f"loc={self.loc.item():g}, scale={self.scale.item():g}"
@@ -128,6 +138,9 @@ class LayerwiseNormal(Prior):
     def log_prob(self, name, value, hyper=None):
         std = self.distribution(name, value, hyper).base_dist.scale.reshape(-1)[0]
         return _normal_log_prob(value, 0.0, std)
+
+    def fixed_normal(self, name, param):
+        return 0.0, float(self.distribution(name, param).base_dist.scale.reshape(-1)[0])
 
 
 class HierarchicalNormal(Prior):

@@ -250,8 +250,8 @@ def negative_elbo(model, potential, posterior, fixed: dict[str, torch.Tensor], e
             noise = {k: sd[k] if estimator == "local_reparam" else sample[k] - mean[k] for k in local}
             with perturbed(model.net, estimator, noise):
                 f = model.output(weights, x)
-            lik = model.likelihood.conditional(f, {k: sample[k] for k in model.noise_sites(out_dim)})
-            total = total + rest + ll_scale * lik.log_prob(y).sum()
+            ll = model.likelihood.log_prob(f, {k: sample[k] for k in model.noise_sites(out_dim)}, y)
+            total = total + rest + ll_scale * ll.sum()
         return -total / num_particles
 
     return loss

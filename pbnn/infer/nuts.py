@@ -98,7 +98,10 @@ class _HamiltonianBackend(Backend):
                 generator=gen,
                 progress=self.progress,
             )
-            fn = mcmc.value_and_grad(lambda z: potential.log_joint_batch(z, None, fixed))
+            fn = mcmc.value_and_grad(
+                lambda z: potential.log_joint_batch(z, None, fixed),
+                compile=mcmc.should_compile(self.compile, self.warmup + self.num_samples),
+            )
             result = mcmc.sample_chains(
                 self.kernel,
                 fn,
@@ -140,6 +143,10 @@ class NUTS(_HamiltonianBackend):
         progress: tqdm bar with each chain's step size and divergence count.
         warn: after the fit, warn when R-hat > 1.01, bulk ESS is low or transitions diverged.
         batch_size: must stay None: NUTS is full-batch (see ``method="sgld"`` / ``"sghmc"``).
+        compile: ``torch.compile`` the gradient of the potential (:func:`pbnn.mcmc.value_and_grad`):
+            ``True``, ``False`` or ``"auto"`` (compile runs of at least
+            ``pbnn.mcmc.COMPILE_MIN_ITERATIONS`` iterations, where the ~10 s of compilation
+            is repaid many times over).
 
     Example:
         >>> import pbnn
@@ -164,8 +171,10 @@ class NUTS(_HamiltonianBackend):
         progress: bool = True,
         warn: bool = True,
         batch_size: None = None,
+        compile: bool | str = "auto",
     ) -> None:
         self._common(num_samples, warmup, num_chains, target_accept, init, init_jitter, map_steps, batch_size)
+        self.compile = mcmc.check_compile(compile)
         self.max_tree_depth = check_positive_int("max_tree_depth", max_tree_depth)
         self.seed = seed
         self.progress = progress
@@ -191,8 +200,8 @@ class HMC(_HamiltonianBackend):
         adapt_step_size: dual averaging towards ``target_accept`` during warm-up.
         adapt_mass_matrix: diagonal mass matrix from the warm-up draws (Stan's windows).
         others: ``num_samples``, ``warmup``, ``num_chains``, ``target_accept``, ``init``,
-            ``init_jitter``, ``map_steps``, ``seed``, ``progress``, ``warn`` and ``batch_size``
-            mean what they mean for :class:`NUTS`.
+            ``init_jitter``, ``map_steps``, ``seed``, ``progress``, ``warn``, ``batch_size`` and
+            ``compile`` mean what they mean for :class:`NUTS`.
 
     Example:
         >>> import pbnn
@@ -220,8 +229,10 @@ class HMC(_HamiltonianBackend):
         progress: bool = True,
         warn: bool = True,
         batch_size: None = None,
+        compile: bool | str = "auto",
     ) -> None:
         self._common(num_samples, warmup, num_chains, target_accept, init, init_jitter, map_steps, batch_size)
+        self.compile = mcmc.check_compile(compile)
         self.step_size = None if step_size is None else check_positive("step_size", step_size)
         if step_size is None and not adapt_step_size:
             raise ValueError("adapt_step_size=False needs a step_size=")
