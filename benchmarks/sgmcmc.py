@@ -1,9 +1,11 @@
 """Time per SG-MCMC gradient step on a pbnn.BNN against a plain torch.optim.SGD step.
 
 Net: 10 -> 100 -> 100 -> 1 tanh MLP, batch 128 of N = 4096 points. Each SG-MCMC step is a
-kernel step (minibatch draw, log joint on pbnn.potential.Potential, autograd, update,
-divergence check). Run: ``python benchmarks/sgmcmc.py``; prints ratios to the SGD step
-measured in the same process (target <= 1.3x).
+kernel step (minibatch draw, log joint on pbnn.potential.Potential, gradient, update,
+divergence check), eager and with ``compile=True`` (the gradient as one torch.compile'd
+graph; the one-off compilation time is printed separately). Run:
+``python benchmarks/sgmcmc.py``; prints ratios to the SGD step measured in the same process
+(target <= 1.3x).
 """
 
 from __future__ import annotations
@@ -55,21 +57,29 @@ def main():
     base = per_step(sgd_step)
     print(f"torch.optim.SGD step: {base * 1e6:8.1f} us")
     model = pbnn.BNN(make_net())
-    kernels = {
-        "SGLD": SGLDKernel(model, 1e-4, batch_size=batch, seed=0),
-        "SGHMC": SGHMCKernel(model, 1e-5, batch_size=batch, seed=0),
-        "cSGLD": CyclicalSGLDKernel(model, 1e-4, batch_size=batch, cycle_length=1000, num_cycles=4, seed=0),
-    }
-    for name, k in kernels.items():
-        k.setup(0, x, y)
-        state = {"z": k._z}
+    for compiled in (False, True):
+        kernels = {
+            "SGLD": SGLDKernel(model, 1e-4, batch_size=batch, seed=0, compile=compiled),
+            "SGHMC": SGHMCKernel(model, 1e-5, batch_size=batch, seed=0, compile=compiled),
+            "cSGLD": CyclicalSGLDKernel(
+                model, 1e-4, batch_size=batch, cycle_length=1000, num_cycles=4, seed=0, compile=compiled
+            ),
+        }
+        for name, k in kernels.items():
+            k.setup(0, x, y)
+            state = {"z": k._z}
 
-        def step(k=k, state=state):
-            k._step += 1
-            state["z"] = k._one_step(state["z"], k._schedule(k._step), not k._exploring(k._step))
+            def step(k=k, state=state):
+                k._step += 1
+                state["z"] = k._one_step(state["z"], k._schedule(k._step), not k._exploring(k._step))
 
-        t = per_step(step)
-        print(f"{name:>6} step: {t * 1e6:8.1f} us   ratio to SGD: {t / base:5.2f}x")
+            t0 = time.perf_counter()
+            step()  # with compile=True: compilation happens here (reported, not in the step time)
+            first = time.perf_counter() - t0
+            t = per_step(step)
+            mode = "compiled" if compiled else "eager"
+            print(f"{name:>6} {mode:8s}: {t * 1e6:8.1f} us, ratio to SGD {t / base:5.2f}x (first call {first:.1f} s)")
+    print(f"torch.optim.SGD step again: {per_step(sgd_step) * 1e6:8.1f} us (load drift check)")
 
 
 if __name__ == "__main__":

@@ -75,21 +75,27 @@ class Target:
     eagerly.
     """
 
-    def __init__(self, log_density: Callable[[torch.Tensor], torch.Tensor], compile: bool = False) -> None:
+    def __init__(self, log_density: Callable[..., torch.Tensor], compile: bool = False, sanitise: bool = True) -> None:
         self.log_density = log_density
         self.compile = bool(compile)
+        self.sanitise = sanitise
         self._cache: dict[str, Callable] = {}
 
-    def raw(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Value and gradient, made finite (see the class docstring)."""
+    def raw(self, z: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """Value and gradient (extra ``args`` go to the log density, e.g. a minibatch index),
+        made finite unless ``sanitise=False`` (see the class docstring)."""
         if torch.compiler.is_compiling():  # torch.func traces into the compiled graph
-            g, (_, lp) = torch.func.grad_and_value(lambda zz: _sum_with_aux(self.log_density(zz)), has_aux=True)(z)
+            g, (_, lp) = torch.func.grad_and_value(lambda zz: _sum_with_aux(self.log_density(zz, *args)), has_aux=True)(
+                z
+            )
         else:  # eager: plain autograd has less per-call overhead
             with torch.enable_grad():
                 zz = z.detach().requires_grad_(True)
-                lp = self.log_density(zz)
+                lp = self.log_density(zz, *args)
                 (g,) = torch.autograd.grad(lp.sum(), zz)
             lp = lp.detach()
+        if not self.sanitise:
+            return lp, g
         ok = torch.isfinite(lp)
         lp = torch.where(ok, lp, torch.full_like(lp, -math.inf))
         g = torch.where(ok[:, None], torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), torch.zeros_like(g))
@@ -117,8 +123,8 @@ class Target:
             self._cache[name] = run
         return self._cache[name]
 
-    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.compiled("value_and_grad", self.raw)(z.detach())
+    def __call__(self, z: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.compiled("value_and_grad", self.raw)(z.detach(), *args)
 
 
 def _sum_with_aux(lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -708,9 +714,9 @@ def check_compile(compile) -> bool | str:
     return compile
 
 
-def should_compile(compile: bool | str, iterations: int) -> bool:
+def should_compile(compile: bool | str, iterations: int, threshold: int = COMPILE_MIN_ITERATIONS) -> bool:
     """Resolve ``compile="auto"``: compile runs long enough to repay the compilation."""
-    return iterations >= COMPILE_MIN_ITERATIONS if compile == "auto" else bool(compile)
+    return iterations >= threshold if compile == "auto" else bool(compile)
 
 
 def check_init(init) -> None:

@@ -89,17 +89,17 @@ class Potential:
     def unpack(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Constrained site values from ``z`` ``[..., D]`` and the log Jacobian ``[...]``."""
         batch = z.shape[:-1]
-        out, log_det, pos = {}, torch.zeros(batch, dtype=z.dtype, device=z.device), 0
-        for name, shape, size, t, ident in zip(self.names, self.shapes, self.sizes, self.transforms, self._identity):
-            u = z[..., pos : pos + size].reshape(batch + shape)
+        out, log_det = {}, torch.zeros(batch, dtype=z.dtype, device=z.device)
+        # One split (not one slice per site): its backward is a single concatenation.
+        parts = z.split(self.sizes, -1)
+        for name, shape, t, ident, u in zip(self.names, self.shapes, self.transforms, self._identity, parts):
+            u = u.reshape(batch + shape)
             if ident:
                 out[name] = u
-                pos += size
                 continue
             v = t(u)
             out[name] = v
             log_det = log_det + t.log_abs_det_jacobian(u, v).reshape(batch + (-1,)).sum(-1)
-            pos += size
         return out, log_det
 
     def pack(self, values: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -49,6 +49,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from pyro.infer.mcmc.util import initialize_model
 
 from pbnn.data import Data, validate
+from pbnn.mcmc import Target
 from pbnn.model import BNN
 from pbnn.potential import Potential
 from pbnn.training import batch_indices, resolve_batch_size
@@ -317,6 +318,9 @@ class SGMCMCKernel(MCMCKernel):
             so that step 0 has ``step_size``).
         decay_b, decay_gamma: ``b`` and ``gamma`` of the polynomial schedule.
         seed: seed of the kernel's own generator (noise and minibatches).
+        compile: ``torch.compile`` the minibatch gradient of a :class:`pbnn.BNN`'s potential
+            (see :class:`pbnn.mcmc.Target`): about ten seconds once, then a fraction of the
+            eager per-step overhead. Worth it for long runs; ignored for Pyro models.
     """
 
     #: the name ArviZ/Pyro show for the method
@@ -334,6 +338,7 @@ class SGMCMCKernel(MCMCKernel):
         decay_b: float = 1000.0,
         decay_gamma: float = 0.55,
         seed: int | None = None,
+        compile: bool = False,
     ) -> None:
         if not step_size > 0:
             raise ValueError(f"step_size must be positive, got {step_size!r}")
@@ -353,6 +358,7 @@ class SGMCMCKernel(MCMCKernel):
         self.schedule = schedule
         self.decay_b, self.decay_gamma = float(decay_b), float(decay_gamma)
         self.seed = seed
+        self.compile = bool(compile)
         self.transforms = None
         self._source = None
         self._init_override: torch.Tensor | None = None
@@ -381,6 +387,13 @@ class SGMCMCKernel(MCMCKernel):
                 )
             self._source = _PyroSource(self.model, data, batch is not None)
         self.transforms = dict(self._source.transforms)
+        # NaN/inf must reach the divergence guard: no sanitising of the gradient here.
+        source = self._source
+        self._target = Target(
+            lambda z, idx: source.log_joint(z[0], idx)[None],
+            compile=self.compile and isinstance(source, _BNNSource),
+            sanitise=False,
+        )
         if self._pending is not None:  # initial_params set before the first setup (Pyro's MCMC does this)
             self._init_override, self._pending = self._flatten(self._pending), None
         if self._generator is None:  # kept across chains, so sequential chains differ
@@ -446,9 +459,8 @@ class SGMCMCKernel(MCMCKernel):
     def _grad(self, z: torch.Tensor) -> torch.Tensor:
         """Gradient of the per-datum minibatch loss ``-log p~(z) / N`` (likelihood scaled by N / B)."""
         idx = next(self._batches) if self._batches is not None else None
-        z = z.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(self._source.log_joint(z, idx), z)
-        return g.neg_().div_(self.num_data)
+        _, g = self._target(z[None], idx)
+        return g[0].neg().div_(self.num_data)
 
     def _one_step(self, z: torch.Tensor, lr: float, noisy: bool) -> torch.Tensor:
         grad = self._grad(z)

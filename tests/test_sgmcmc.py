@@ -311,6 +311,18 @@ def test_same_seed_same_draws(conjugate):
     assert not torch.equal(two.samples["weight"][0], two.samples["weight"][1])
 
 
+def test_compiled_gradient_gives_the_eager_chain(conjugate):
+    # compile=True changes how the gradient is computed (one torch.compile'd graph), not the
+    # chain: same seed, same minibatches and noise, draws equal to float rounding.
+    c = conjugate
+    model = pbnn.BNN(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)))
+    kw = dict(num_samples=10, warmup=2, batch_size=16, seed=5, progress=False)
+    eager = pbnn.fit(model, c["x"], c["y"], method="sghmc", compile=False, **kw)
+    compiled = pbnn.fit(model, c["x"], c["y"], method="sghmc", compile=True, **kw)
+    for k in eager.samples:
+        torch.testing.assert_close(compiled.samples[k], eager.samples[k], rtol=1e-4, atol=1e-5)
+
+
 def test_divergence_names_the_step_and_stores_nothing(conjugate):
     c = conjugate
     model = pbnn.BNN(torch.nn.Linear(2, 1))
