@@ -40,9 +40,11 @@ def fit(model, x, y, method: str | Backend = "svi", *, distributed: bool = False
         y: targets ``[N]`` / ``[N, D]`` (regression) or class labels ``[N]`` (classification).
         method: a method name (see ``pbnn.infer.BACKENDS``) or a backend object such as
             ``pbnn.infer.SVI(guide="full_rank")``.
-        distributed: train data-parallel over the ranks of a ``torchrun`` job (see
-            :mod:`pbnn.distributed`); every rank must call ``fit`` with the same arguments and
-            returns the same Posterior.
+        distributed: use the ranks of a ``torchrun`` job (see :mod:`pbnn.distributed`):
+            data-parallel gradients (SVI, MAP, one SG-MCMC chain) or chains / members
+            spread over the ranks (NUTS, HMC, MH, ensemble, MultiSWAG, several SG-MCMC
+            chains); every rank must call ``fit`` with the same arguments and returns the
+            same Posterior.
         **options: the backend's constructor arguments, when ``method`` is a name.
 
     Raises:

@@ -1,16 +1,28 @@
-"""Data-parallel training on ``torch.distributed`` (launched with ``torchrun``).
+"""Data-parallel training and parallel chains on ``torch.distributed`` (launched with ``torchrun``).
 
 Inside ``with pbnn.distributed.data_parallel():`` (or ``pbnn.fit(..., distributed=True)``)
-the shared minibatch trainer splits every global minibatch over the ranks, each rank
-computes the gradient on its part, and the gradients are summed with ``all_reduce``
-(weighted by each rank's share), so K ranks make exactly the update one process would
-make on the union of their minibatches. Random draws that must agree (SVI's guide
-sample, the minibatch permutation) come from the same seed on every rank; pbnn
-broadcasts rank 0's seed when none is given.
+a backend uses the ranks in one of two ways:
+
+* **data-parallel** (SVI, MAP, and SG-MCMC with ``num_chains=1``): every global
+  minibatch is split over the ranks, each rank computes the gradient on its part, and the
+  gradients are summed with ``all_reduce`` (weighted by each rank's share), so K ranks
+  make exactly the update one process would make on the union of their minibatches.
+  Random draws that must agree (SVI's guide sample, the minibatch permutation, SG-MCMC's
+  injected noise) come from the same seed on every rank, so all ranks hold one chain.
+* **chain-parallel** (NUTS, HMC, MH; ``ensemble`` and ``multiswag`` members; SG-MCMC
+  with ``num_chains > 1``): rank ``r`` runs its contiguous block of chains (global chain
+  index = local index + offset, see :func:`chain_slice`), on its own data in full; the
+  per-chain results are gathered in chain order (:func:`gather_chains`). Each chain's
+  randomness depends only on the seed and its global index, so the draws are the same
+  whatever the number of ranks: a ``torchrun`` job returns what the same script run
+  with plain ``python`` returns.
+
+pbnn broadcasts rank 0's seed when none is given. Every rank returns the same, complete
+Posterior (results are all-gathered, not just sent to rank 0). Other backends (SWAG,
+Laplace, ...) are not distributed: inside the context every rank runs the whole fit.
 
 The process group is created from torchrun's environment variables when it does not
-exist yet: gloo on CPU, NCCL when CUDA is available. Every rank returns the same
-Posterior (all ranks hold identical parameters after each step).
+exist yet: gloo on CPU, NCCL when CUDA is available.
 
 Example (single process: the context is a no-op without a multi-rank group):
     >>> import pbnn
@@ -23,12 +35,32 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["data_parallel", "is_active", "rank", "world_size", "allreduce_sum_", "broadcast_seed"]
+__all__ = [
+    "data_parallel",
+    "is_active",
+    "in_context",
+    "rank",
+    "world_size",
+    "allreduce_sum_",
+    "broadcast_seed",
+    "data_parallel_grad",
+    "chain_slice",
+    "rank_local",
+    "map_chains",
+    "gather_chains",
+    "all_gather",
+    "mean_over_chains",
+]
+
+T = TypeVar("T")
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("pbnn_data_parallel", default=False)
 
@@ -50,6 +82,11 @@ def rank() -> int:
 def is_active() -> bool:
     """True inside :func:`data_parallel` with more than one rank."""
     return world_size() > 1
+
+
+def in_context() -> bool:
+    """True inside :func:`data_parallel` (with any number of ranks, 1 included), outside :func:`rank_local`."""
+    return _ACTIVE.get()
 
 
 @contextlib.contextmanager
@@ -88,3 +125,165 @@ def broadcast_seed(seed: int | None) -> int | None:
     t = torch.randint(0, 2**62, (1,))
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def data_parallel_grad(
+    log_joint: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, idx: torch.Tensor | None, n: int
+) -> torch.Tensor:
+    """Gradient in ``z`` of ``log_joint`` on the global minibatch ``idx`` (None: all ``n`` rows).
+
+    ``log_joint(rows)`` must scale the likelihood of ``rows`` by ``n / len(rows)`` (as
+    :class:`pbnn.potential.Potential` does). Each rank takes its share of ``idx``, weights
+    its log joint by the share's size, and the gradients are summed over ranks: the
+    gradient one process computes on all of ``idx``.
+
+    Example (one process: the whole batch):
+        >>> import torch
+        >>> z = torch.tensor([1.0], requires_grad=True)
+        >>> data_parallel_grad(lambda rows: -(z**2).sum() * len(rows), z, None, 4)
+        tensor([-8.])
+    """
+    idx = torch.arange(n) if idx is None else idx
+    mine = idx.tensor_split(world_size())[rank()]
+    if len(mine) == 0:  # a batch smaller than the number of ranks leaves this rank idle
+        g = torch.zeros_like(z)
+    else:
+        (g,) = torch.autograd.grad(log_joint(mine) * (len(mine) / len(idx)), z)
+    allreduce_sum_([g])
+    return g
+
+
+# ---------------------------------------------------------------------------- parallel chains
+def chain_slice(num_chains: int, *, every_rank: bool = False) -> slice:
+    """This rank's chains: contiguous blocks in rank order, sizes differing by at most one.
+
+    Rank ``r``'s local chain ``i`` is global chain ``slice.start + i``. With
+    ``every_rank=True`` a ValueError is raised when some rank would get no chain (for
+    trainers that cannot run zero members).
+
+    Example (one process: all chains):
+        >>> chain_slice(4)
+        slice(0, 4, None)
+    """
+    k, r = world_size(), rank()
+    if every_rank and num_chains < k:
+        raise ValueError(
+            f"{num_chains} chains/members cannot be spread over {k} ranks: use at least as many "
+            "members as ranks (num_members= / num_chains=), or fewer ranks (--nproc_per_node)"
+        )
+    q, extra = divmod(num_chains, k)
+    start = r * q + min(r, extra)
+    return slice(start, start + q + (r < extra))
+
+
+@contextlib.contextmanager
+def rank_local():
+    """Run the block on this rank alone: trainers inside do not split batches or all-reduce.
+
+    Example:
+        >>> with data_parallel(), rank_local():
+        ...     in_context()
+        False
+    """
+    token = _ACTIVE.set(False)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def all_gather(obj: T) -> list[T]:
+    """Every rank's ``obj`` (any picklable object), in rank order, on every rank.
+
+    Example (one process):
+        >>> all_gather({"a": 1})
+        [{'a': 1}]
+    """
+    if not is_active():
+        return [obj]
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def gather_chains(obj: T) -> T:
+    """Concatenate every rank's per-chain results along the chain axis, on every rank.
+
+    ``obj`` is a tensor ``[chains, ...]``, or a dict / tuple / dataclass of them (walked
+    recursively), or a list of per-chain items (lists are concatenated). Ranks without
+    chains may pass ``None``. Outside a multi-rank context ``obj`` comes back unchanged.
+
+    Example (one process):
+        >>> import torch
+        >>> gather_chains({"w": torch.zeros(2, 5)})["w"].shape
+        torch.Size([2, 5])
+    """
+    if not is_active():
+        return obj
+    return _concat([p for p in all_gather(obj) if p is not None])
+
+
+def _concat(parts: list):
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, list):
+        return [item for p in parts for item in p]
+    if isinstance(first, tuple):
+        return type(first)(_concat(list(items)) for items in zip(*parts))
+    if dataclasses.is_dataclass(first):
+        fields = {f.name: _concat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)}
+        return dataclasses.replace(first, **fields)
+    raise TypeError(f"cannot gather chains of a {type(first).__name__}; wrap per-chain items in a list")
+
+
+def mean_over_chains(values: list[float], num_local: int) -> list[float]:
+    """Per-step means over this rank's ``num_local`` chains -> means over all chains.
+
+    Example (one process):
+        >>> mean_over_chains([1.0, 2.0], 3)
+        [1.0, 2.0]
+    """
+    if not is_active():
+        return values
+    parts = [(v, m) for v, m in all_gather((list(values), num_local)) if m > 0]
+    total = sum(m for _, m in parts)
+    return [sum(v[t] * m for v, m in parts) / total for t in range(len(parts[0][0]))]
+
+
+def map_chains(run: Callable[[int, torch.Generator], T], num_chains: int, generator: torch.Generator) -> T:
+    """Run chains one by one, spread over the ranks, and gather their results in chain order.
+
+    Seeds for all chains are drawn from ``generator`` (the same on every rank); chain ``c``
+    gets a ``torch.Generator`` seeded from the ``c``-th and runs ``run(c, gen_c)`` with
+    torch's global RNG seeded from it too, so its result depends only on ``generator``'s
+    state and ``c``: one process and any number of ranks give the same chains. ``run``
+    returns per-chain results with a leading chain axis of length 1 (see
+    :func:`gather_chains`).
+
+    Inside a multi-rank context, rank ``r`` runs the chains of :func:`chain_slice` under
+    :func:`rank_local`; with a single chain, every rank runs it with the context left on
+    (so a minibatch sampler computes its gradients data-parallel).
+
+    Example (one process, two chains):
+        >>> import torch
+        >>> out = map_chains(lambda c, g: torch.rand(1, 3, generator=g), 2, torch.Generator().manual_seed(0))
+        >>> out.shape
+        torch.Size([2, 3])
+    """
+    seeds = torch.randint(0, 2**62, (num_chains, 2), generator=generator).tolist()
+
+    def one(c: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seeds[c][1])
+            return run(c, torch.Generator().manual_seed(seeds[c][0]))
+
+    if num_chains == 1:
+        return one(0)
+    mine = range(num_chains)[chain_slice(num_chains)]
+    with rank_local():
+        parts = [one(c) for c in mine]
+    local = _concat(parts) if parts else None
+    return gather_chains(local)

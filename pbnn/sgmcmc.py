@@ -48,6 +48,7 @@ from pyro import poutine
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from pyro.infer.mcmc.util import initialize_model
 
+from pbnn import distributed
 from pbnn.data import Data, validate
 from pbnn.mcmc import Target
 from pbnn.model import BNN
@@ -399,6 +400,8 @@ class SGMCMCKernel(MCMCKernel):
         if self._generator is None:  # kept across chains, so sequential chains differ
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
             self._generator = torch.Generator().manual_seed(seed)
+        if batch and distributed.is_active():  # data-parallel: each rank takes its share of a K-times larger batch
+            batch *= distributed.world_size()
         self._batches = batch_indices(self.num_data, batch, self._generator) if batch else None
         self.warmup_steps = warmup_steps
         self._z = (self._init_override if self._init_override is not None else self._source.initial_z()).clone()
@@ -459,6 +462,10 @@ class SGMCMCKernel(MCMCKernel):
     def _grad(self, z: torch.Tensor) -> torch.Tensor:
         """Gradient of the per-datum minibatch loss ``-log p~(z) / N`` (likelihood scaled by N / B)."""
         idx = next(self._batches) if self._batches is not None else None
+        if distributed.is_active() and getattr(self._source, "minibatch", True):  # data-parallel: my share, summed
+            z = z.detach().requires_grad_(True)
+            g = distributed.data_parallel_grad(lambda rows: self._source.log_joint(z, rows), z, idx, self.num_data)
+            return g.neg_().div_(self.num_data)
         _, g = self._target(z[None], idx)
         return g[0].neg().div_(self.num_data)
 

@@ -121,3 +121,102 @@ def test_pyro_models_refuse_accumulation():
 
     with pytest.raises(ValueError, match="pbnn.BNN"):
         pbnn.fit(model, *_data(), method="svi", accumulate=2, num_steps=2)
+
+
+# ---------------------------------------------------------------------------- parallel chains
+# Small runs of each chain-parallel backend. Every case is run once on 2 gloo ranks (one spawn
+# for all of them) and compared with the same call in one process.
+CHAIN_CASES = {
+    # 3 chains over 2 ranks: an uneven split (2 + 1) checks the chain offsets
+    "nuts": dict(method="nuts", num_chains=3, num_samples=15, warmup=15, max_tree_depth=4, map_steps=30, warn=False),
+    "hmc": dict(method="hmc", num_chains=2, num_samples=10, warmup=10, num_steps=5, init="net", warn=False),
+    "mh": dict(method="mh", num_chains=3, num_samples=20, warmup=20, init="net", warn=False),
+    "ensemble": dict(method="ensemble", num_members=3, num_steps=30, bootstrap=True),
+    "multiswag": dict(method="multiswag", num_members=3, start=20, num_steps=40, num_samples=4, rank=3),
+    "sgld_chains": dict(method="sgld", num_chains=3, num_samples=10, warmup=5, thinning=2, batch_size=16),
+    "csghmc_chains": dict(method="csghmc", num_chains=2, num_samples=8, num_cycles=2, thinning=2, batch_size=16),
+    # one chain: data-parallel gradients, 8 rows per rank = one process with batches of 16
+    "sgld_dp": dict(method="sgld", num_chains=1, num_samples=20, warmup=10, thinning=2, batch_size=8),
+}
+
+
+def _chain_fit(case, **kw):
+    opts = {**CHAIN_CASES[case], **kw}
+    return pbnn.fit(_model(), *_data(), seed=5, progress=False, **opts)
+
+
+def _result(post):
+    out = {f"samples/{k}": v for k, v in post.samples.items()}
+    out.update({f"stats/{k}": v for k, v in post.sample_stats.items()})
+    out["predict"] = post.predict(_data()[0][:5], seed=0).mean
+    return out
+
+
+def _chains_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        res = {case: _result(_chain_fit(case, distributed=True)) for case in CHAIN_CASES}
+        torch.save(res, os.path.join(out_dir, f"chains{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chains")
+    mp.spawn(_chains_worker, args=(str(d / "init"), str(d)), nprocs=2, join=True)
+    r0, r1 = torch.load(d / "chains0.pt"), torch.load(d / "chains1.pt")
+    for case in CHAIN_CASES:  # every rank returns the same, complete Posterior
+        assert r0[case].keys() == r1[case].keys()
+        assert all(torch.equal(r0[case][k], r1[case][k]) for k in r0[case]), case
+    return r0
+
+
+def _assert_same(got, ref, atol):
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        assert torch.allclose(got[k].double(), ref[k].double(), atol=atol), k
+
+
+@pytest.mark.parametrize("case", ["nuts", "hmc", "mh"])
+def test_parallel_mcmc_chains_equal_one_process(two_ranks, case):
+    got = two_ranks[case]
+    C, S = CHAIN_CASES[case]["num_chains"], CHAIN_CASES[case]["num_samples"]
+    assert got["samples/0.weight"].shape == (C, S, 8, 1)  # [chains, draws, *shape]
+    # One process with the same seed (distributed=True without a group: the same per-chain seeds).
+    # Same operations on the same inputs, so only float noise may differ.
+    _assert_same(got, _result(_chain_fit(case, distributed=True)), atol=1e-5)
+    # The chains differ from each other, so a wrong offset or order would be seen.
+    w = got["samples/0.weight"]
+    assert not torch.allclose(w[0], w[-1])
+
+
+@pytest.mark.parametrize("case", ["ensemble", "multiswag", "sgld_chains", "csghmc_chains"])
+def test_parallel_members_and_sgmcmc_chains_equal_the_plain_fit(two_ranks, case):
+    got = two_ranks[case]
+    ref = _result(_chain_fit(case))  # the ordinary single-process fit, no distributed context
+    _assert_same(got, ref, atol=1e-5)
+    w = got["samples/0.weight"]
+    assert w.shape[0] == CHAIN_CASES[case].get("num_chains", CHAIN_CASES[case].get("num_members"))
+    assert not torch.allclose(w[0], w[-1])
+
+
+def test_data_parallel_sgld_equals_one_process_on_the_union_of_batches(two_ranks):
+    got = two_ranks["sgld_dp"]
+    assert got["samples/0.weight"].shape == (1, 20, 8, 1)
+    # One process, same seed (same noise and permutation), batches of 2 x 8 rows. The
+    # all-reduced gradient differs from the one-process gradient by float rounding only.
+    _assert_same(got, _result(_chain_fit("sgld_dp", batch_size=16)), atol=1e-4)
+    # and it is not trivially equal to the chain on batches of 8:
+    other = _result(_chain_fit("sgld_dp"))["samples/0.weight"]
+    assert not torch.allclose(got["samples/0.weight"], other, atol=1e-3)
+
+
+def test_chain_split_and_gather_helpers():
+    from pbnn import distributed
+
+    assert distributed.chain_slice(5) == slice(0, 5)
+    gen = torch.Generator().manual_seed(0)
+    out = distributed.map_chains(lambda c, g: ({"x": torch.full((1, 2), float(c))}, [c]), 3, gen)
+    assert out[0]["x"][:, 0].tolist() == [0.0, 1.0, 2.0] and out[1] == [0, 1, 2]

@@ -8,7 +8,8 @@ Gaussians, as in the paper.
 
 The members are trained by one optimiser over the stacked member vectors (``[M, D]``); Adam
 acts elementwise and gradients are clipped per member, so this is the same as training
-them one after another (sequentially, in this process).
+them one after another (sequentially, in this process). With ``pbnn.fit(..., distributed=True)``
+under ``torchrun`` the members are spread over the ranks and gathered (:mod:`pbnn.distributed`).
 
 Example:
     >>> import torch, pbnn
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from pbnn import distributed
 from pbnn.data import Data
 from pbnn.infer.base import Backend, check_positive, check_positive_int
 from pbnn.pointfit import decaying_lr, initial_points, predict_params, require_bnn, train_points
@@ -81,7 +83,7 @@ class DeepEnsemble(Backend):
         model = require_bnn(model, self.name)
         batch = resolve_batch_size(self.batch_size, len(data))
         potential = Potential(model, data)
-        with seeded(self.seed):
+        with seeded(distributed.broadcast_seed(self.seed)):
             base = int(torch.randint(0, 2**31 - 1, ()).item())
             z0, fixed0 = initial_points(model, potential, [base + m for m in range(self.num_members)])
             weights = None
@@ -89,6 +91,10 @@ class DeepEnsemble(Backend):
                 n = len(data)
                 idx = torch.randint(0, n, (self.num_members, n))
                 weights = torch.zeros(self.num_members, n).scatter_add_(1, idx, torch.ones(self.num_members, n))
+            # distributed: every rank draws all members' starts and trains its block of them
+            mine = distributed.chain_slice(self.num_members, every_rank=True)
+            z0, fixed0 = z0[mine], {k: v[mine] for k, v in fixed0.items()}
+            weights = None if weights is None else weights[mine]
             z, fixed, losses = train_points(
                 potential,
                 z0,
@@ -101,6 +107,8 @@ class DeepEnsemble(Backend):
                 desc=f"ensemble ({self.num_members} members)",
                 progress=self.progress,
             )
+            z, fixed = distributed.gather_chains((z, fixed))
+            losses = distributed.mean_over_chains(losses, len(z0))
         values, _ = potential.unpack(z)
         samples = {k: v[:, None] for k, v in values.items()}
         info = {"losses": losses, "num_members": self.num_members, "bootstrap": self.bootstrap}

@@ -28,7 +28,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pbnn import mcmc
+from pbnn import distributed, mcmc
 from pbnn.data import Data
 from pbnn.infer.base import Backend, check_positive, check_positive_int
 from pbnn.model import BNN
@@ -176,12 +176,17 @@ class MH(Backend):
 
     def fit(self, model, data: Data) -> Posterior:
         start = time.perf_counter()
-        with seeded(self.seed):
+        with seeded(distributed.broadcast_seed(self.seed)):
             gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
             if isinstance(model, BNN):
                 samples, stats, fixed, flat, info = self._fit_bnn(model, data, gen)
             else:
-                samples, stats = self._fit_pyro(model, data)
+                if distributed.in_context():  # chains spread over ranks, each seeded from (seed, chain index)
+                    samples, stats = distributed.map_chains(
+                        lambda c, g: self._fit_pyro(model, data, 1), self.num_chains, gen
+                    )
+                else:
+                    samples, stats = self._fit_pyro(model, data)
                 fixed, info = {}, {}
                 flat = mcmc.flatten_sites(samples)
         info["wall_time"] = time.perf_counter() - start
@@ -192,7 +197,7 @@ class MH(Backend):
     def _fit_bnn(self, model: BNN, data: Data, gen: torch.Generator):
         potential = Potential(model, data)
         with pyro.validation_enabled(False), torch.no_grad():
-            with torch.enable_grad():
+            with torch.enable_grad(), distributed.rank_local():  # every rank starts all chains
                 z0, fixed = mcmc.init_chains(
                     potential,
                     self.num_chains,
@@ -202,21 +207,29 @@ class MH(Backend):
                     generator=gen,
                     progress=self.progress,
                 )
-            draws, stats, scale = rw_metropolis(
-                lambda z: potential.log_joint_batch(z, None, fixed),
-                z0,
-                num_samples=self.num_samples,
-                warmup=self.warmup,
-                thin=self.thin,
-                init_scale=self.init_scale,
-                target_accept=self.target_accept,
-                generator=gen,
-                progress=self.progress,
-                desc=f"MH ({self.num_chains} chains)",
-            )
+
+            def run(z0, gen):
+                return rw_metropolis(
+                    lambda z: potential.log_joint_batch(z, None, fixed),
+                    z0,
+                    num_samples=self.num_samples,
+                    warmup=self.warmup,
+                    thin=self.thin,
+                    init_scale=self.init_scale,
+                    target_accept=self.target_accept,
+                    generator=gen,
+                    progress=self.progress,
+                    desc=f"MH ({len(z0)} chains)",
+                )
+
+            # distributed: one chain at a time with its own generator, chains spread over ranks
+            if distributed.in_context():
+                draws, stats, scale = distributed.map_chains(lambda c, g: run(z0[c : c + 1], g), self.num_chains, gen)
+            else:
+                draws, stats, scale = run(z0, gen)
         return mcmc.draws_to_sites(potential, draws), stats, fixed, draws, {"scale": scale}
 
-    def _fit_pyro(self, model, data: Data):
+    def _fit_pyro(self, model, data: Data, num_chains: int | None = None):
         from pyro.infer import RandomWalkKernel
 
         samples, _ = mcmc.pyro_mcmc(
@@ -225,7 +238,7 @@ class MH(Backend):
             data,
             num_samples=self.num_samples * self.thin,
             warmup=self.warmup,
-            num_chains=self.num_chains,
+            num_chains=num_chains or self.num_chains,
             progress=self.progress,
         )
         # A continuous proposal was accepted exactly when the draw changed.

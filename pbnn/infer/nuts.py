@@ -22,7 +22,7 @@ import time
 import pyro
 import torch
 
-from pbnn import mcmc
+from pbnn import distributed, mcmc
 from pbnn.data import Data
 from pbnn.infer.base import Backend, check_positive, check_positive_int
 from pbnn.model import BNN
@@ -63,19 +63,29 @@ class _HamiltonianBackend(Backend):
 
     def fit(self, model, data: Data) -> Posterior:
         start = time.perf_counter()
-        with seeded(self.seed):
+        with seeded(distributed.broadcast_seed(self.seed)):
             gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
             if isinstance(model, BNN):
                 samples, stats, fixed, info = self._fit_bnn(model, data, gen)
             else:
-                samples, stats = mcmc.pyro_mcmc(
-                    self._pyro_kernel,
-                    model,
-                    data,
-                    num_samples=self.num_samples,
-                    warmup=self.warmup,
-                    num_chains=self.num_chains,
-                    progress=self.progress,
+
+                def run(num_chains):
+                    return mcmc.pyro_mcmc(
+                        self._pyro_kernel,
+                        model,
+                        data,
+                        num_samples=self.num_samples,
+                        warmup=self.warmup,
+                        num_chains=num_chains,
+                        progress=self.progress,
+                    )
+
+                # distributed: chains spread over ranks, each seeded from (seed, chain index)
+                parallel = distributed.in_context()
+                samples, stats = (
+                    distributed.map_chains(lambda c, g: run(1), self.num_chains, gen)
+                    if parallel
+                    else run(self.num_chains)
                 )
                 fixed, info = {}, {}
                 info["draws_unconstrained"] = mcmc.flatten_sites(samples)
@@ -89,31 +99,40 @@ class _HamiltonianBackend(Backend):
         potential = Potential(model, data)
         # Sampling never needs argument validation, and it costs time on every step.
         with pyro.validation_enabled(False):
-            z0, fixed = mcmc.init_chains(
-                potential,
-                self.num_chains,
-                self.init,
-                jitter=self.init_jitter,
-                map_steps=self.map_steps,
-                generator=gen,
-                progress=self.progress,
-            )
+            with distributed.rank_local():  # every rank starts all chains (the same MAP warm start)
+                z0, fixed = mcmc.init_chains(
+                    potential,
+                    self.num_chains,
+                    self.init,
+                    jitter=self.init_jitter,
+                    map_steps=self.map_steps,
+                    generator=gen,
+                    progress=self.progress,
+                )
             fn = mcmc.value_and_grad(
                 lambda z: potential.log_joint_batch(z, None, fixed),
                 compile=mcmc.should_compile(self.compile, self.warmup + self.num_samples),
             )
-            result = mcmc.sample_chains(
-                self.kernel,
-                fn,
-                z0,
-                num_samples=self.num_samples,
-                warmup=self.warmup,
-                target_accept=self.target_accept,
-                generator=gen,
-                progress=self.progress,
-                desc=f"{self.name.upper()} ({self.num_chains} chains)",
-                **self._sampler_options(),
-            )
+
+            def run(z0, gen):
+                return mcmc.sample_chains(
+                    self.kernel,
+                    fn,
+                    z0,
+                    num_samples=self.num_samples,
+                    warmup=self.warmup,
+                    target_accept=self.target_accept,
+                    generator=gen,
+                    progress=self.progress,
+                    desc=f"{self.name.upper()} ({len(z0)} chains)",
+                    **self._sampler_options(),
+                )
+
+            # distributed: one chain at a time with its own generator, chains spread over ranks
+            if distributed.in_context():
+                result = distributed.map_chains(lambda c, g: run(z0[c : c + 1], g), self.num_chains, gen)
+            else:
+                result = run(z0, gen)
         samples = mcmc.draws_to_sites(potential, result.draws)
         info = {
             "step_size": result.step_size,

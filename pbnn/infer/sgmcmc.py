@@ -25,7 +25,7 @@ import math
 import pyro
 import torch
 
-from pbnn import mcmc
+from pbnn import distributed, mcmc
 from pbnn.data import Data
 from pbnn.infer.base import Backend, check_positive, check_positive_int
 from pbnn.posterior import Posterior
@@ -100,27 +100,27 @@ class _SGMCMC(Backend):
         }
 
     def fit(self, model, data: Data) -> Posterior:
-        chains, stats, steps, fixed = [], [], [], {}
-        with seeded(self.seed):
-            for c in range(self.num_chains):
-                kernel_seed = int(torch.randint(0, 2**62, ()).item())
-                with pyro.get_param_store().scope():
-                    init = chain_initial_params(model, data, c)
-                    kernel = self._kernel(model, kernel_seed)
-                    mcmc = pyro.infer.MCMC(
-                        kernel,
-                        num_samples=self.num_samples,
-                        warmup_steps=self.warmup,
-                        initial_params=init,
-                        disable_progbar=not self.progress,
-                    )
-                    mcmc.run(data.x, data.y)
-                chains.append(mcmc.get_samples(group_by_chain=True))
-                stats.append({k: torch.tensor(v) for k, v in kernel.stats.items()})
-                steps.append(kernel._step)
-                fixed = kernel._source.fixed
-        samples = {k: torch.cat([ch[k] for ch in chains]) for k in chains[0]}
-        sample_stats = {k: torch.stack([s[k] for s in stats]) for k in stats[0]}
+        def run(c: int, gen: torch.Generator):  # chain c; its randomness depends only on (seed, c)
+            with pyro.get_param_store().scope():
+                init = chain_initial_params(model, data, c)
+                kernel = self._kernel(model, int(torch.randint(0, 2**62, (), generator=gen).item()))
+                mcmc = pyro.infer.MCMC(
+                    kernel,
+                    num_samples=self.num_samples,
+                    warmup_steps=self.warmup,
+                    initial_params=init,
+                    disable_progbar=not self.progress,
+                )
+                mcmc.run(data.x, data.y)
+            stats = {k: torch.tensor(v)[None] for k, v in kernel.stats.items()}
+            return mcmc.get_samples(group_by_chain=True), stats, [kernel._step], [(kernel._source.fixed, type(kernel))]
+
+        # Distributed: several chains are spread over the ranks; one chain runs on every rank
+        # with data-parallel gradients and the same noise (see pbnn.distributed).
+        with seeded(distributed.broadcast_seed(self.seed)):
+            gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+            samples, sample_stats, steps, last = distributed.map_chains(run, self.num_chains, gen)
+        fixed, kernel_class = last[-1]
         return Posterior(
             model,
             samples,
@@ -128,7 +128,7 @@ class _SGMCMC(Backend):
             method=self.name,
             sample_stats=sample_stats,
             fixed=fixed,
-            info={"gradient_steps": steps, "step_size": self.step_size, "kernel": type(kernel).__name__},
+            info={"gradient_steps": steps, "step_size": self.step_size, "kernel": kernel_class.__name__},
         )
 
 

@@ -17,7 +17,8 @@ scale ``sigma`` is part of the weights (as ``log sigma``) and of every draw.
 * ``SWAG`` ("swag"): ``num_samples`` draws; the posterior keeps the Gaussian, so
   ``predict(x, num_samples=...)`` can draw more.
 * ``MultiSWAG`` ("multiswag"): ``num_members`` independent SWAG runs (Wilson and
-  Izmailov 2020), one chain per member.
+  Izmailov 2020), one chain per member; with ``pbnn.fit(..., distributed=True)`` under
+  ``torchrun`` the members are spread over the ranks and gathered (:mod:`pbnn.distributed`).
 
 With BatchNorm in the net, each draw's BatchNorm statistics are recomputed on the
 training inputs at prediction time (:func:`pbnn.pointfit.predict_bn_refresh`).
@@ -39,6 +40,7 @@ import math
 import torch
 from torch.distributions import Distribution, constraints
 
+from pbnn import distributed
 from pbnn.approx import FlatApproximation
 from pbnn.data import Data
 from pbnn.infer.base import Backend, check_positive, check_positive_int
@@ -243,6 +245,9 @@ class SWAG(Backend):
         # Independent starting points for MultiSWAG; SWAG keeps the network's own init.
         seeds = [None] if num_runs == 1 else [int(torch.randint(0, 2**31 - 1, ()).item()) + m for m in range(num_runs)]
         z, fixed = initial_points(model, potential, seeds)
+        if num_runs > 1:  # distributed MultiSWAG: every rank draws all starts and runs its block of members
+            mine = distributed.chain_slice(num_runs, every_rank=True)
+            z, fixed = z[mine], {k: v[mine] for k, v in fixed.items()}
         losses: list[float] = []
         if self.start > 0:
             z, fixed, losses = train_points(
@@ -256,7 +261,7 @@ class SWAG(Backend):
                 desc=f"{desc} pretraining",
                 progress=self.progress,
             )
-        moments = SwagMoments(potential.dim, self.rank, num_runs)
+        moments = SwagMoments(potential.dim, self.rank, len(z))
 
         def collect(t, zt):
             if (t + 1) % every == 0:
@@ -277,6 +282,12 @@ class SWAG(Backend):
             desc=f"{desc} SGD",
             progress=self.progress,
         )
+        if num_runs > 1:  # gather the members' moments in member order (a no-op in one process)
+            losses = distributed.mean_over_chains(losses + sgd_losses, len(z))
+            moments.mean, moments.sq_mean, devs, fixed = distributed.gather_chains(
+                (moments.mean, moments.sq_mean, tuple(moments._devs), fixed)
+            )
+            moments._devs, sgd_losses = list(devs), []
         info = {"losses": losses + sgd_losses, "num_collected": moments.n, "collect_every": every}
         return potential, moments, fixed, info
 
@@ -376,7 +387,7 @@ class MultiSWAG(SWAG):
 
     def fit(self, model, data: Data) -> Posterior:
         model = require_bnn(model, self.name)
-        with seeded(self.seed):
+        with seeded(distributed.broadcast_seed(self.seed)):
             potential, moments, fixed, info = self._run(model, data, self.num_members, "MultiSWAG")
             post = self._posterior(model, data, potential, moments, fixed, info, self.num_samples)
         post.info["num_members"] = self.num_members
