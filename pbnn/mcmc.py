@@ -708,6 +708,27 @@ def check_full_batch(batch_size, method: str) -> None:
 COMPILE_MIN_ITERATIONS = 500
 
 
+def set_chain_options(
+    backend, *, num_samples, warmup, num_chains, target_accept, init, init_jitter, map_steps, batch_size
+) -> None:
+    """Validate the options NUTS, HMC and MH share and set them on ``backend``."""
+    from pbnn.infer.base import check_nonneg_int, check_positive_int
+
+    backend.num_samples = check_positive_int("num_samples", num_samples)
+    backend.warmup = check_nonneg_int("warmup", warmup)
+    backend.num_chains = check_positive_int("num_chains", num_chains)
+    if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)) or not 0 < target_accept < 1:
+        raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
+    backend.target_accept = float(target_accept)
+    check_init(init)
+    backend.init = init
+    if isinstance(init_jitter, bool) or not isinstance(init_jitter, (int, float)) or init_jitter < 0:
+        raise ValueError(f"init_jitter must be a non-negative number, got {init_jitter!r}")
+    backend.init_jitter = float(init_jitter)
+    backend.map_steps = check_positive_int("map_steps", map_steps)
+    check_full_batch(batch_size, backend.name)
+
+
 def check_compile(compile) -> bool | str:
     if compile not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")

@@ -71,6 +71,12 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_nonneg_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def check_positive(name: str, value) -> float:
     if not isinstance(value, (int, float)) or not value > 0 or not torch.isfinite(torch.tensor(float(value))):
         raise ValueError(f"{name} must be a positive number, got {value!r}")

@@ -153,23 +153,12 @@ class MH(Backend):
         warn: bool = True,
         batch_size: None = None,
     ) -> None:
-        self.num_samples = check_positive_int("num_samples", num_samples)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
-        self.warmup = warmup
-        self.num_chains = check_positive_int("num_chains", num_chains)
+        mcmc.set_chain_options(
+            self, num_samples=num_samples, warmup=warmup, num_chains=num_chains, target_accept=target_accept,
+            init=init, init_jitter=init_jitter, map_steps=map_steps, batch_size=batch_size,
+        )  # fmt: skip
         self.thin = check_positive_int("thin", thin)
         self.init_scale = check_positive("init_scale", init_scale)
-        if not isinstance(target_accept, (int, float)) or not 0 < target_accept < 1:
-            raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
-        self.target_accept = float(target_accept)
-        mcmc.check_init(init)
-        self.init = init
-        if not isinstance(init_jitter, (int, float)) or init_jitter < 0:
-            raise ValueError(f"init_jitter must be a non-negative number, got {init_jitter!r}")
-        self.init_jitter = float(init_jitter)
-        self.map_steps = check_positive_int("map_steps", map_steps)
-        mcmc.check_full_batch(batch_size, self.name)
         self.seed = seed
         self.progress = progress
         self.warn = warn

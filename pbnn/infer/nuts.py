@@ -39,21 +39,10 @@ class _HamiltonianBackend(Backend):
     kernel = ""
 
     def _common(self, num_samples, warmup, num_chains, target_accept, init, init_jitter, map_steps, batch_size):
-        self.num_samples = check_positive_int("num_samples", num_samples)
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
-        self.warmup = warmup
-        self.num_chains = check_positive_int("num_chains", num_chains)
-        if not isinstance(target_accept, (int, float)) or not 0 < target_accept < 1:
-            raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
-        self.target_accept = float(target_accept)
-        mcmc.check_init(init)
-        self.init = init
-        if not isinstance(init_jitter, (int, float)) or init_jitter < 0:
-            raise ValueError(f"init_jitter must be a non-negative number, got {init_jitter!r}")
-        self.init_jitter = float(init_jitter)
-        self.map_steps = check_positive_int("map_steps", map_steps)
-        mcmc.check_full_batch(batch_size, self.name)
+        mcmc.set_chain_options(
+            self, num_samples=num_samples, warmup=warmup, num_chains=num_chains, target_accept=target_accept,
+            init=init, init_jitter=init_jitter, map_steps=map_steps, batch_size=batch_size,
+        )  # fmt: skip
 
     def _sampler_options(self) -> dict:
         raise NotImplementedError

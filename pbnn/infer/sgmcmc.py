@@ -27,7 +27,7 @@ import torch
 
 from pbnn import distributed, mcmc
 from pbnn.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int
+from pbnn.infer.base import Backend, check_nonneg_int, check_positive, check_positive_int
 from pbnn.posterior import Posterior
 from pbnn.sgmcmc import (
     CyclicalSGHMCKernel,
@@ -41,12 +41,6 @@ from pbnn.sgmcmc import (
 from pbnn.training import seeded
 
 __all__ = ["SGLD", "SGHMC", "PSGLD", "CyclicalSGLD", "CyclicalSGHMC"]
-
-
-def _check_nonneg_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
 
 
 # "auto" compiles the gradient for runs of at least this many gradient steps: ~10 s of
@@ -73,7 +67,7 @@ class _SGMCMC(Backend):
         compile: bool | str = "auto",
     ) -> None:
         self.num_samples = check_positive_int("num_samples", num_samples)
-        self.warmup = _check_nonneg_int("warmup", warmup)
+        self.warmup = check_nonneg_int("warmup", warmup)
         self.num_chains = check_positive_int("num_chains", num_chains)
         self.step_size = self.default_step_size if step_size is None else check_positive("step_size", step_size)
         self.batch_size = batch_size
