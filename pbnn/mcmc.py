@@ -294,7 +294,7 @@ def _build_subtree(
         torch.full((C,), -math.inf, dtype=z.dtype), zeros, torch.zeros(C, dtype=z.dtype),
         torch.zeros(C, dtype=torch.long), torch.zeros(C, dtype=torch.bool), active.clone(), zeros, zeros,
     )  # fmt: skip
-    ck = (torch.zeros(K, C, D, dtype=z.dtype),) * 3
+    ck = tuple(torch.zeros(K, C, D, dtype=z.dtype) for _ in range(3))  # distinct: no aliasing guard
     tables = _checkpoint_tables(max_tree_depth, compiled)
     for k in range(2**depth):
         u = torch.rand(C, generator=gen, dtype=z.dtype)
