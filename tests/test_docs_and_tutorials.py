@@ -13,7 +13,15 @@ TUTORIALS = sorted((ROOT / "tutorials").glob("*.py"))
 
 @pytest.mark.parametrize("script", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(script, tmp_path):
-    env = {**os.environ, "PBNN_QUICK": "1", "PBNN_TUTORIAL_OUT": str(tmp_path), "MPLBACKEND": "Agg"}
+    # PYTHONPATH: a script's own folder comes first on sys.path, so without it the tutorials
+    # would import an installed pbnn instead of this checkout's.
+    env = {
+        **os.environ,
+        "PBNN_QUICK": "1",
+        "PBNN_TUTORIAL_OUT": str(tmp_path),
+        "MPLBACKEND": "Agg",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert any(p.suffix == ".png" and p.stat().st_size > 5000 for p in tmp_path.iterdir())

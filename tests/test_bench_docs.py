@@ -1,0 +1,35 @@
+"""docs/benchmarks_results.md is generated from benchmarks/results/*.csv and cannot drift."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _make_docs():
+    spec = importlib.util.spec_from_file_location("make_docs", ROOT / "benchmarks" / "make_docs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_committed_page_matches_csvs():
+    mod = _make_docs()
+    assert list((ROOT / "benchmarks" / "results").glob("*.csv")), "no committed bench CSVs"
+    assert (ROOT / "docs" / "benchmarks_results.md").read_text() == mod.render(), (
+        "docs/benchmarks_results.md is out of date: run python benchmarks/make_docs.py"
+    )
+
+
+def test_render_reflects_the_csv(tmp_path):
+    """A changed number in a CSV changes the page (the check above can fail)."""
+    mod = _make_docs()
+    (tmp_path / "r.csv").write_text(
+        "task,method,seeds,accuracy,nll,brier,ece,fit_s,predict_s,accuracy_se,nll_se\n"
+        "moons,map,2,0.9,0.25,0.12,0.05,1.0,0.1,0.01,0.02\n"
+        "moons,svi,2,0.91,0.2,0.1,0.03,2.0,0.2,0.01,0.01\n"
+    )
+    page = mod.render(tmp_path, ROOT / "benchmarks" / "REFERENCES.md")
+    assert "| map | 2 | 0.900 ± 0.010 | 0.250 ± 0.020 | 0.120 | 0.050 | 1.0 | 0.10 |" in page
+    assert "**0.200 ± 0.010**" in page  # svi has the best NLL
+    assert "| Concrete |" in page  # reference numbers carried over from REFERENCES.md
