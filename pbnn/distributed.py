@@ -55,6 +55,7 @@ __all__ = [
     "chain_slice",
     "rank_local",
     "map_chains",
+    "run_batched_chains",
     "gather_chains",
     "all_gather",
     "mean_over_chains",
@@ -287,3 +288,22 @@ def map_chains(run: Callable[[int, torch.Generator], T], num_chains: int, genera
         parts = [one(c) for c in mine]
     local = _concat(parts) if parts else None
     return gather_chains(local)
+
+
+def run_batched_chains(
+    run: Callable[[torch.Tensor, torch.Generator], T], z0: torch.Tensor, generator: torch.Generator
+) -> T:
+    """``run(z0, generator)`` for a sampler that steps all chains ``z0 [C, D]`` together.
+
+    Inside a distributed context the chains run one at a time through :func:`map_chains`
+    (each with its own generator, spread over the ranks), so any number of ranks gives the
+    same draws; outside it, all chains run in one vectorised batch.
+
+    Example (one process):
+        >>> import torch
+        >>> run_batched_chains(lambda z, g: z + 1, torch.zeros(2, 3), torch.Generator()).shape
+        torch.Size([2, 3])
+    """
+    if in_context():
+        return map_chains(lambda c, g: run(z0[c : c + 1], g), len(z0), generator)
+    return run(z0, generator)

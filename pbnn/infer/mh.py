@@ -211,11 +211,7 @@ class MH(Backend):
                     desc=f"MH ({len(z0)} chains)",
                 )
 
-            # distributed: one chain at a time with its own generator, chains spread over ranks
-            if distributed.in_context():
-                draws, stats, scale = distributed.map_chains(lambda c, g: run(z0[c : c + 1], g), self.num_chains, gen)
-            else:
-                draws, stats, scale = run(z0, gen)
+            draws, stats, scale = distributed.run_batched_chains(run, z0, gen)
         return mcmc.draws_to_sites(potential, draws), stats, fixed, draws, {"scale": scale}
 
     def _fit_pyro(self, model, data: Data, num_chains: int | None = None):

@@ -117,11 +117,7 @@ class _HamiltonianBackend(Backend):
                     **self._sampler_options(),
                 )
 
-            # distributed: one chain at a time with its own generator, chains spread over ranks
-            if distributed.in_context():
-                result = distributed.map_chains(lambda c, g: run(z0[c : c + 1], g), self.num_chains, gen)
-            else:
-                result = run(z0, gen)
+            result = distributed.run_batched_chains(run, z0, gen)
         samples = mcmc.draws_to_sites(potential, result.draws)
         info = {
             "step_size": result.step_size,
