@@ -63,8 +63,10 @@ for method in methods:
     pred = post.predict(d["x_test"])
     preds[method] = pred
     nll, gap_sd = pbnn.metrics.nll(pred, d["y_test"]), float(pred.stddev[d["in_gap"]].mean())
-    print(f"{method:>12}: test NLL {nll:7.3f}   mean predictive sd in the gap {gap_sd:.3f}   "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"{method:>12}: test NLL {nll:7.3f}   mean predictive sd in the gap {gap_sd:.3f}   "
+        f"({time.perf_counter() - start:.1f} s)"
+    )
 
 # %% [markdown]
 # ## Predictive bands
