@@ -16,7 +16,7 @@ Example:
     >>> x = torch.randn(10, 2)
     >>> G = ggn_full(model, ["weight", "bias"], model.parameter_values(), x, {})
     >>> phi = torch.cat([x, torch.ones(10, 1)], 1)
-    >>> torch.allclose(G, phi.T @ phi / 0.25, atol=1e-4)     # J^T J / sigma^2 for a linear model
+    >>> torch.allclose(G, (phi.T @ phi / 0.25).double(), atol=1e-4)     # J^T J / sigma^2 for a linear model
     True
 """
 
@@ -119,19 +119,25 @@ def _scaled_jacobians(model, names, params, x, noise):
 
 
 def ggn_full(model, names: list[str], params: dict[str, torch.Tensor], x: torch.Tensor, noise: dict) -> torch.Tensor:
-    """Full GGN ``sum_n J_n^T Lambda_n J_n`` over the parameters ``names``, ``[D, D]``."""
+    """Full GGN ``sum_n J_n^T Lambda_n J_n`` over the parameters ``names``, ``[D, D]``, in float64.
+
+    Float64 because a float32 sum is indefinite by round-off when the GGN's eigenvalues span
+    many decades, as they do for a well-fit regression net (e.g. eigenvalue -20 next to ~1e6
+    on the Friedman benchmark), and the Laplace marginal likelihood needs its log-determinant.
+    """
     G = None
     for LJ in _scaled_jacobians(model, names, params, x, noise):
+        LJ = LJ.double()
         part = torch.einsum("bkd,bke->de", LJ, LJ)
         G = part if G is None else G + part
     return G
 
 
 def ggn_diag(model, names: list[str], params: dict[str, torch.Tensor], x: torch.Tensor, noise: dict) -> torch.Tensor:
-    """Diagonal of the GGN, ``[D]`` (exactly ``ggn_full(...).diagonal()``)."""
+    """Diagonal of the GGN, ``[D]``, in float64 (exactly ``ggn_full(...).diagonal()``)."""
     g = None
     for LJ in _scaled_jacobians(model, names, params, x, noise):
-        part = LJ.pow(2).sum((0, 1))
+        part = LJ.double().pow(2).sum((0, 1))
         g = part if g is None else g + part
     return g
 

@@ -280,9 +280,9 @@ class Laplace(Backend):
             hessian = "ggn"
         x = data.x
         if hessian == "ggn":
-            return ("dense", ggn_full(model, names, params, x, noise).double()), hessian, note
+            return ("dense", ggn_full(model, names, params, x, noise)), hessian, note
         if hessian == "diag":
-            return ("diag", ggn_diag(model, names, params, x, noise).double()), hessian, note
+            return ("diag", ggn_diag(model, names, params, x, noise)), hessian, note
         layers = linear_layers(model, names)
         return ("kfac", (layers, kfac_factors(model, names, params, x, noise))), hessian, note
 
