@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pbnn.bench import TASKS
+    from pbnn.bench import DEFAULT_METHODS, TASKS
 
     parser = argparse.ArgumentParser(prog="pbnn", description="Bayesian neural networks on Pyro.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,39 +26,80 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit every METHOD on every TASK for each seed; print a method x metric table and "
         "write it as CSV and Markdown to --out.",
     )
-    bench.add_argument("--task", default="gap", help=f"comma-separated tasks among {', '.join(TASKS)} (default: gap)")
-    bench.add_argument("--methods", default="map,svi", help="comma-separated method names (default: map,svi)")
+    bench.add_argument(
+        "--task",
+        default=None,
+        help=f"comma-separated tasks among {', '.join(TASKS)} (default: all of them; diabetes and digits need "
+        "scikit-learn and are skipped, with a message, without it)",
+    )
+    bench.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated method names (default: {','.join(DEFAULT_METHODS)}, one backend per family)",
+    )
     bench.add_argument("--seeds", type=int, default=3, help="number of seeds / splits per task (default: 3)")
-    bench.add_argument("--out", default="pbnn-bench-output", help="output folder for CSV / Markdown tables")
+    bench.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes, one torch thread each (default: the usable CPU cores); results do not depend on it",
+    )
+    bench.add_argument(
+        "--out",
+        default="pbnn-bench-output",
+        help="output folder: results.csv / results.md (mean and standard error over seeds) and runs.csv "
+        "(one row per fit, written as each finishes)",
+    )
     bench.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: tasks gap,moons, methods map,svi, 1 seed, short runs (under 2 minutes)",
+        help="smoke test: tasks gap,moons, methods map,svi (unless given), 1 seed, short runs (under 2 minutes)",
     )
     demo = sub.add_parser("demo", help="the README demo: SVI vs MAP on 1-D regression with a gap")
     demo.add_argument("--out", default="pbnn-demo-output", help="output folder for the figures")
     return parser
 
 
-def _bench(args) -> int:
-    from pbnn.bench import QUICK_OPTIONS, _options_for, format_table, run_task, summarise, write_tables
+def _default_tasks() -> list[str]:
+    from pbnn.bench import TASKS
 
-    tasks = ["gap", "moons"] if args.quick and args.task == "gap" else args.task.split(",")
-    methods = args.methods.split(",")
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        print("scikit-learn is not installed: skipping the diabetes and digits tasks (pip install 'pbnn[bench]')")
+        return [t for t in TASKS if t not in ("diabetes", "digits")]
+    return list(TASKS)
+
+
+def _bench(args) -> int:
+    from pbnn.bench import (
+        DEFAULT_METHODS,
+        QUICK_OPTIONS,
+        _options_for,
+        format_table,
+        run_jobs,
+        summarise,
+        usable_cpus,
+        write_tables,
+    )
+
+    if args.task:
+        tasks = args.task.split(",")
+    else:
+        tasks = ["gap", "moons"] if args.quick else _default_tasks()
+    methods = args.methods.split(",") if args.methods else (["map", "svi"] if args.quick else list(DEFAULT_METHODS))
     seeds = 1 if args.quick else args.seeds
     options = {
         m: (_options_for(m, QUICK_OPTIONS) if args.quick else _options_for(m, {"progress": False})) for m in methods
     }
-    rows = []
-    jobs = [(t, m, s) for t in tasks for m in methods for s in range(seeds)]
-    for task, method, seed in tqdm(jobs, desc="pbnn bench"):  # task-major: rows group by task
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            rows.append(run_task(task, method, seed, **options[method]))
+    jobs = [(t, m, s) for t in tasks for m in methods for s in range(seeds)]  # task-major: rows group by task
+    workers = min(args.jobs or usable_cpus(), len(jobs))
+    out = Path(args.out)
+    rows = run_jobs(jobs, options, workers=workers, rows_path=out / "runs.csv")
     summary = summarise(rows)
     print(format_table(summary))
-    csv_path, md_path = write_tables(summary, Path(args.out), "results")
-    print(f"\nwrote {csv_path} and {md_path}")
+    csv_path, md_path = write_tables(summary, out, "results")
+    print(f"\nwrote {csv_path}, {md_path} and {out / 'runs.csv'}")
     return 0
 
 
