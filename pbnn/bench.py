@@ -246,7 +246,13 @@ def _run_job(job: tuple[str, str, int], options: dict) -> dict:
 
 
 def usable_cpus() -> int:
-    """CPU cores this process may run on (the affinity mask where the OS has one)."""
+    """CPU cores this process may run on (the affinity mask where the OS has one).
+
+    Example:
+        >>> from pbnn.bench import usable_cpus
+        >>> usable_cpus() >= 1
+        True
+    """
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 

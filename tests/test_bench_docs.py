@@ -33,3 +33,19 @@ def test_render_reflects_the_csv(tmp_path):
     assert "| map | 2 | 0.900 ± 0.010 | 0.250 ± 0.020 | 0.120 | 0.050 | 1.0 | 0.10 |" in page
     assert "**0.200 ± 0.010**" in page  # svi has the best NLL
     assert "| Concrete |" in page  # reference numbers carried over from REFERENCES.md
+
+
+def test_digits_target_table():
+    """The issue's digits target is checked per method: within 1 accuracy point, lower NLL and ECE."""
+    mod = _make_docs()
+    base = {"task": "digits", "run": "r", "accuracy": "0.97", "nll": "0.07", "ece": "0.02"}
+    rows = [
+        {**base, "method": "map"},
+        {**base, "method": "good", "accuracy": "0.975", "nll": "0.06", "ece": "0.015"},
+        {**base, "method": "worse_ece", "nll": "0.06", "ece": "0.03"},
+        {**base, "method": "less_accurate", "accuracy": "0.95", "nll": "0.06", "ece": "0.015"},
+    ]
+    lines = mod.target_table(rows)
+    assert "| good | +0.005 | -0.010 | -0.005 | yes |" in lines
+    assert any(line.startswith("| worse_ece |") and line.endswith("| no |") for line in lines)
+    assert any(line.startswith("| less_accurate |") and line.endswith("| no |") for line in lines)
