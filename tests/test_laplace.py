@@ -385,11 +385,28 @@ def test_categorical_probit(make_net):
     model = pbnn.BNN(make_net(inp=2, hidden=4, out=2), likelihood=pbnn.likelihoods.Categorical())
     post = pbnn.fit(model, x, y, method="laplace", **FAST)
     pred = post.predict(x)
-    # probit: softmax(f_mu / sqrt(1 + pi/8 diag(J Sigma J^T))), recomputed here
-    kappa = (1 + math.pi / 8 * pred.f_cov.diagonal(dim1=-2, dim2=-1)).rsqrt()
+    # probit on the centred logits: softmax(f_mu / sqrt(1 + pi/8 diag(P F P))), P = I - 1 1^T / 2
+    F = pred.f_cov
+    centred_var = (F[:, 0, 0] + F[:, 1, 1] - 2 * F[:, 0, 1]) / 4  # Var((f0 - f1) / 2)
+    kappa = (1 + math.pi / 8 * centred_var).rsqrt()[:, None]
     assert torch.allclose(pred.probs, torch.softmax(kappa * pred.f_mean, -1), atol=1e-6)
     assert torch.allclose(pred.log_prob(y), pred.probs.log().gather(1, y[:, None])[:, 0], atol=1e-5)
     assert (pred.entropy > 0).all() and pred.probs.shape == (40, 2)
+
+
+def test_categorical_probit_ignores_common_mode_logit_variance():
+    # softmax(f + c 1) = softmax(f): variance along 1 (all logits together) must not change probs.
+    from pbnn.infer.laplace import GLMPrediction
+
+    lik = pbnn.likelihoods.Categorical()
+    f_mu = torch.tensor([[2.0, 0.0, -1.0]])
+    F = torch.tensor([[[0.5, 0.1, 0.0], [0.1, 0.3, 0.0], [0.0, 0.0, 0.2]]])
+    make = lambda cov: GLMPrediction(f_mu[None], lik.conditional(f_mu[None], {}), f_mu, cov, lik, {})
+    plain, shifted = make(F), make(F + 25.0 * torch.ones(1, 3, 3))
+    assert torch.allclose(plain.probs, shifted.probs, atol=1e-6)
+    # ... while variance in a contrast direction does flatten them
+    contrast = torch.tensor([1.0, -1.0, 0.0])
+    assert plain.probs[0, 0] > make(F + 25.0 * torch.outer(contrast, contrast)[None]).probs[0, 0]
 
 
 def test_bernoulli_probit(make_net):

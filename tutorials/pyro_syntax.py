@@ -4,7 +4,12 @@
 # `pbnn.fit` takes any Pyro model that follows one convention: signature
 # `model(x, y=None, subsample=None)`, observations at the site `"obs"` inside
 # `pyro.plate("data", len(x), subsample=subsample)`. Here: a one-hidden-layer network
-# whose weight scale `tau` has its own prior, written directly in Pyro.
+# whose input-weight scale `tau` has its own prior, written directly in Pyro, twice: in the
+# centred form (`w1 ~ Normal(0, tau)`) and the non-centred form (`w1 = tau * w1_raw`,
+# `w1_raw ~ Normal(0, 1)`). They are the same model; the posterior geometry is not. In the
+# centred form `tau` and `w1` are tightly coupled (Neal's funnel), which a Gaussian guide
+# cannot follow, and SVI settles on a small `tau`: a smoother, underfitting network. The
+# non-centred form decouples them, as it does for HMC.
 
 # %%
 import os
@@ -30,43 +35,74 @@ warnings.simplefilter("ignore", FutureWarning)
 H = 20
 
 
-def model(x, y=None, subsample=None):
-    tau = pyro.sample("tau", dist.HalfNormal(1.0))  # shared scale of the hidden weights
+def centred(x, y=None, subsample=None):
+    tau = pyro.sample("tau", dist.HalfNormal(3.0))  # shared scale of the input weights
     w1 = pyro.sample("w1", dist.Normal(0.0, tau).expand([1, H]).to_event(2))
+    return _rest(x, y, subsample, w1)
+
+
+def noncentred(x, y=None, subsample=None):
+    tau = pyro.sample("tau", dist.HalfNormal(3.0))
+    w1_raw = pyro.sample("w1_raw", dist.Normal(0.0, 1.0).expand([1, H]).to_event(2))
+    return _rest(x, y, subsample, tau * w1_raw)  # the same prior on w1, reparameterised
+
+
+def _rest(x, y, subsample, w1):
     b1 = pyro.sample("b1", dist.Normal(0.0, 1.0).expand([H]).to_event(1))
-    w2 = pyro.sample("w2", dist.Normal(0.0, 1.0 / H**0.5).expand([H]).to_event(1))
+    w2 = pyro.sample("w2", dist.Normal(0.0, 1.0).expand([H]).to_event(1))
     sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
     with pyro.plate("data", x.shape[0], subsample=subsample) as i:
         f = torch.tanh(x[i] @ w1 + b1) @ w2
         pyro.sample("obs", dist.Normal(f, sigma), obs=None if y is None else y[i])
 
 
-# %%
-d = gap_regression(seed=0)
-post = pbnn.fit(
-    model,
-    d["x_train"],
-    d["y_train"],
-    method="svi",
-    guide="low_rank",
-    num_steps=300 if QUICK else 3000,
-    lr=0.02,
-    num_samples=200,
-    seed=0,
-    progress=False,
-)
-pred = post.predict(d["x_test"], num_samples=50 if QUICK else 200)
-print("test NLL", pbnn.metrics.nll(pred, d["y_test"]), " coverage_90", pbnn.metrics.coverage(pred, d["y_test"]))
+# %% [markdown]
+# ## Fit both forms with SVI (a low-rank Gaussian guide)
 
 # %%
-idata = post.to_arviz()
-print(az.summary(idata, var_names=["tau", "sigma"], kind="stats"))
-lo, hi = pred.interval(0.9)
-plt.figure(figsize=(5, 3.5))
-plt.fill_between(d["x_test"][:, 0], lo, hi, alpha=0.3, label="90% interval")
-plt.plot(d["x_test"][:, 0], pred.mean, label="mean")
-plt.scatter(d["x_train"][:, 0], d["y_train"], s=4, c="k")
-plt.legend()
-plt.tight_layout()
-plt.savefig(OUT / "pyro_syntax.png", dpi=100)
+d = gap_regression(seed=0)
+preds, idatas = {}, {}
+for name, model in [("centred", centred), ("non-centred", noncentred)]:
+    post = pbnn.fit(
+        model,
+        d["x_train"],
+        d["y_train"],
+        method="svi",
+        guide="low_rank",
+        num_steps=300 if QUICK else 3000,
+        lr=0.02,
+        num_samples=200,
+        seed=0,
+        progress=False,
+    )
+    preds[name] = pred = post.predict(d["x_test"], num_samples=50 if QUICK else 200)
+    idatas[name] = post.to_arviz()
+    nll, cov = pbnn.metrics.nll(pred, d["y_test"]), pbnn.metrics.coverage(pred, d["y_test"])
+    print(f"{name:>12}: test NLL {nll:.3f}  90% coverage {cov:.2f}")
+
+# %% [markdown]
+# ## The posterior of the hyper-parameters (ArviZ)
+#
+# The non-centred fit finds a larger weight scale `tau` (about 7 against 1.5) and a smaller
+# noise `sigma`, and roughly halves the test NLL (0.18 against 0.33). Both still put `sigma`
+# well above the data's true noise (0.1): on 160 points a Gaussian guide trades some fit for
+# a smaller KL term, the usual underfitting of variational BNNs; `method="nuts"` on the
+# non-centred model is the asymptotically exact (and slower) reference.
+
+# %%
+for name, idata in idatas.items():
+    print(name)
+    print(az.summary(idata, var_names=["tau", "sigma"], kind="stats"))
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+for ax, (name, pred) in zip(axes, preds.items()):
+    lo, hi = pred.interval(0.9)
+    ax.fill_between(d["x_test"][:, 0], lo, hi, alpha=0.3, label="90% interval")
+    ax.plot(d["x_test"][:, 0], pred.mean, label="mean")
+    ax.scatter(d["x_train"][:, 0], d["y_train"], s=4, c="k")
+    ax.set_title(f"{name}: test NLL {pbnn.metrics.nll(pred, d['y_test']):.2f}")
+axes[0].legend()
+fig.tight_layout()
+fig.savefig(OUT / "pyro_syntax.png", dpi=100)
 print(f"wrote {OUT / 'pyro_syntax.png'}")

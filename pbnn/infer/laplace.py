@@ -17,7 +17,8 @@ maximising the Laplace log marginal likelihood (``"marglik"``, scalar or per lay
 
 Example:
     >>> import torch, pbnn
-    >>> x = torch.randn(40, 1); y = 2 * x[:, 0] + 0.1 * torch.randn(40)
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(40, 1, generator=g); y = 2 * x[:, 0] + 0.1 * torch.randn(40, generator=g)
     >>> model = pbnn.BNN(torch.nn.Linear(1, 1), likelihood=pbnn.likelihoods.Gaussian(0.1))
     >>> post = pbnn.fit(model, x, y, method="laplace", map_steps=300, progress=False, seed=0)
     >>> post.samples["weight"].shape, round(float(post.predict(x).mean[0] / x[0, 0]), 1)
@@ -541,7 +542,8 @@ class GLMPrediction(Prediction):
     ``f(x) ~ N(f_mu, F)`` with ``F = J Sigma J^T``. Regression: the predictive is
     ``N(f_mu, F + sigma^2)`` in closed form (mean, variances, ``log_prob``, ``cdf``,
     ``quantile``); classification: the probit approximation ``softmax(f_mu / sqrt(1 + pi/8
-    diag F))`` (sigmoid for Bernoulli) gives ``probs``, ``log_prob`` and ``entropy``. The
+    diag(P F P)))`` with ``P = I - 1 1^T / C`` the softmax-invariant centring (``sigmoid(f_mu /
+    sqrt(1 + pi/8 F))`` for Bernoulli) gives ``probs``, ``log_prob`` and ``entropy``. The
     per-draw quantities (``samples``, ``pointwise_log_likelihood``, ``aleatoric_entropy``)
     come from draws of the linearised network.
 
@@ -573,8 +575,22 @@ class GLMPrediction(Prediction):
             s = self.noise["sigma"] if self.likelihood.learned else self.likelihood.scale
         return (s**2).expand(self.f_mean.shape[-1:]).expand_as(self.f_mean)
 
+    def _probit_var(self) -> torch.Tensor:
+        """The logit variances the probit scales by.
+
+        Softmax ignores a shift of all logits (``softmax(f + c 1) = softmax(f)``), so only the
+        centred logits ``P f`` (``P = I - 1 1^T / C``) matter, and dropping the common-mode part
+        of ``F`` is exact. Without it, the shared variance (e.g. of a last-layer bias direction)
+        inflated each logit's variance and the per-logit probit flattened the probabilities.
+        """
+        if not isinstance(self.likelihood, _lik.Categorical):
+            return self.f_var
+        C = self.f_cov.shape[-1]
+        P = torch.eye(C, dtype=self.f_cov.dtype) - 1.0 / C
+        return (P @ self.f_cov @ P).diagonal(dim1=-2, dim2=-1)
+
     def _probit_probs(self) -> torch.Tensor:
-        kappa = (1 + math.pi / 8 * self.f_var).rsqrt()
+        kappa = (1 + math.pi / 8 * self._probit_var()).rsqrt()
         if isinstance(self.likelihood, _lik.Bernoulli):
             return torch.sigmoid(kappa * self.f_mean)[..., 0]
         return torch.softmax(kappa * self.f_mean, -1)
