@@ -75,6 +75,7 @@ def _bench(args) -> int:
     from pbnn.bench import (
         DEFAULT_METHODS,
         QUICK_OPTIONS,
+        TASKS,
         _options_for,
         format_table,
         run_jobs,
@@ -85,8 +86,13 @@ def _bench(args) -> int:
 
     if args.task:
         tasks = args.task.split(",")
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise SystemExit(f"pbnn bench: unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
     else:
         tasks = ["gap", "moons"] if args.quick else _default_tasks()
+    if args.seeds < 1 or (args.jobs is not None and args.jobs < 1):
+        raise SystemExit(f"pbnn bench: --seeds and --jobs must be >= 1, got {args.seeds} and {args.jobs}")
     methods = args.methods.split(",") if args.methods else (["map", "svi"] if args.quick else list(DEFAULT_METHODS))
     seeds = 1 if args.quick else args.seeds
     options = {

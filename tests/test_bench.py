@@ -43,6 +43,15 @@ def test_cli_bench_writes_tables(tmp_path, capsys):
     assert (tmp_path / "results.csv").read_text().startswith("task,method")
 
 
+def test_cli_bench_rejects_bad_options(tmp_path):
+    with pytest.raises(SystemExit, match="unknown task.*nope.*known tasks: gap"):
+        main(["bench", "--task", "gap,nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--seeds and --jobs must be >= 1"):
+        main(["bench", "--task", "gap", "--jobs", "0", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        main(["bench", "--task", "gap", "--methods", "map,nope", "--out", str(tmp_path)])
+
+
 def test_cli_bench_quick_smoke(tmp_path):
     """`pbnn bench --quick` (the CI smoke run): both tasks, both methods, finite metrics."""
     import csv
