@@ -235,7 +235,6 @@ ROW_COLUMNS = [
 def _worker_init() -> None:
     # One thread per worker process: the nets are small, so processes, not threads, use the cores.
     torch.set_num_threads(1)
-    warnings.simplefilter("ignore", FutureWarning)
 
 
 def _run_job(job: tuple[str, str, int], options: dict) -> dict:
