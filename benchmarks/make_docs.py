@@ -155,7 +155,12 @@ def render(results: Path = RESULTS, references: Path = REFERENCES) -> str:
     tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
     tasks += sorted({r["task"] for r in rows} - set(tasks))
     for task in tasks:
-        group = [r for r in rows if r["task"] == task]
+        # A method run again as a later run's baseline (map) is shown once: its first run's row.
+        group, seen = [], set()
+        for r in rows:
+            if r["task"] == task and r["method"] not in seen:
+                seen.add(r["method"])
+                group.append(r)
         kind = kinds.get(task) or ("regression" if "rmse" in group[0] and group[0]["rmse"] else "classification")
         out += ["", f"## {task}", "", TASK_TEXT.get(task, ""), "", *task_table(group, kind)]
     target = target_table(rows)
