@@ -55,7 +55,8 @@ def test_baseline_rerun_in_a_later_run_is_shown_once(tmp_path):
     mod = _make_docs()
     head = "task,method,seeds,accuracy,nll,brier,ece,fit_s,predict_s\n"
     (tmp_path / "a.csv").write_text(head + "moons,map,2,0.9,0.25,0.12,0.05,1.0,0.1\n")
-    (tmp_path / "b.csv").write_text(head + "moons,map,2,0.9,0.25,0.12,0.05,9.0,0.1\nmoons,nuts,2,0.9,0.2,0.1,0.04,5.0,0.2\n")
+    rerun = "moons,map,2,0.9,0.25,0.12,0.05,9.0,0.1\nmoons,nuts,2,0.9,0.2,0.1,0.04,5.0,0.2\n"
+    (tmp_path / "b.csv").write_text(head + rerun)
     page = mod.render(tmp_path, ROOT / "benchmarks" / "REFERENCES.md")
     table = page.split("## moons")[1].split("##")[0]
     assert table.count("| map |") == 1 and "| 1.0 |" in table and "| nuts |" in table
