@@ -564,6 +564,7 @@ class GLMPrediction(Prediction):
         self.f_var = f_cov.diagonal(dim1=-2, dim2=-1)
         self.likelihood = likelihood
         self.noise = noise
+        self.probit_var = self._probit_var()  # mean, variance, entropy and log_prob all use it
 
     def _sq(self, t: torch.Tensor) -> torch.Tensor:
         return t[..., 0] if t.shape[-1] == 1 else t
@@ -590,7 +591,7 @@ class GLMPrediction(Prediction):
         return (P @ self.f_cov @ P).diagonal(dim1=-2, dim2=-1)
 
     def _probit_probs(self) -> torch.Tensor:
-        kappa = (1 + math.pi / 8 * self._probit_var()).rsqrt()
+        kappa = (1 + math.pi / 8 * self.probit_var).rsqrt()
         if isinstance(self.likelihood, _lik.Bernoulli):
             return torch.sigmoid(kappa * self.f_mean)[..., 0]
         return torch.softmax(kappa * self.f_mean, -1)
