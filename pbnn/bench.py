@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import math
@@ -278,19 +279,18 @@ def run_jobs(
     from tqdm.auto import tqdm
 
     rows: list[dict | None] = [None] * len(jobs)
-    bar = tqdm(total=len(jobs), desc="pbnn bench", disable=not progress)
-    writer, fh = None, None
-    try:
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=len(jobs), desc="pbnn bench", disable=not progress))
+        writer = None
+        if rows_path is not None:
+            rows_path.parent.mkdir(parents=True, exist_ok=True)
+            fh = stack.enter_context(open(rows_path, "w", newline=""))
+            writer = csv.DictWriter(fh, fieldnames=ROW_COLUMNS)
+            writer.writeheader()
 
         def done(i: int, row: dict) -> None:
-            nonlocal writer, fh
             rows[i] = row
-            if rows_path is not None:
-                if fh is None:
-                    rows_path.parent.mkdir(parents=True, exist_ok=True)
-                    fh = open(rows_path, "w", newline="")
-                    writer = csv.DictWriter(fh, fieldnames=ROW_COLUMNS)
-                    writer.writeheader()
+            if writer is not None:
                 writer.writerow(row)
                 fh.flush()
             bar.update()
@@ -305,10 +305,6 @@ def run_jobs(
                 futures = {pool.submit(_run_job, job, options[job[1]]): i for i, job in enumerate(jobs)}
                 for future in as_completed(futures):
                     done(futures[future], future.result())
-    finally:
-        bar.close()
-        if fh is not None:
-            fh.close()
     return rows  # type: ignore[return-value]
 
 
