@@ -181,6 +181,8 @@ TASKS = {
     "moons": (_moons, "classification", torch.nn.Tanh),
     "digits": (lambda s: _sklearn("load_digits", s), "classification", torch.nn.ReLU),
 }
+# Tasks whose data ship with scikit-learn (an optional, benchmark-only dependency).
+SKLEARN_TASKS = ("diabetes", "digits")
 
 
 # Columns of the benchmark table, taken from pbnn.evaluate.

@@ -61,13 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_tasks() -> list[str]:
-    from pbnn.bench import TASKS
+    from pbnn.bench import SKLEARN_TASKS, TASKS
 
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        print("scikit-learn is not installed: skipping the diabetes and digits tasks (pip install 'pbnn[bench]')")
-        return [t for t in TASKS if t not in ("diabetes", "digits")]
+        skipped = " and ".join(SKLEARN_TASKS)
+        print(f"scikit-learn is not installed: skipping the {skipped} tasks (pip install 'pbnn[bench]')")
+        return [t for t in TASKS if t not in SKLEARN_TASKS]
     return list(TASKS)
 
 
