@@ -60,3 +60,20 @@ def test_baseline_rerun_in_a_later_run_is_shown_once(tmp_path):
     page = mod.render(tmp_path, ROOT / "benchmarks" / "REFERENCES.md")
     table = page.split("## moons")[1].split("##")[0]
     assert table.count("| map |") == 1 and "| 1.0 |" in table and "| nuts |" in table
+
+
+def test_uci_table_checks_each_data_set_against_published_mc_dropout():
+    mod = _make_docs()
+    refs = mod.reference_numbers()
+    assert refs["concrete"]["MC dropout LL"] == -3.04 and refs["yacht"]["MC dropout RMSE"] == 1.11
+    row = {"splits": "20", "rmse_se": "0.1", "loglik_se": "0.05", "fit_min": "1.0"}
+    rows = [
+        {**row, "dataset": "concrete", "method": "map", "rmse": "4.7", "loglik": "-3.74"},
+        {**row, "dataset": "concrete", "method": "svi", "rmse": "5.2", "loglik": "-3.07"},
+        {**row, "dataset": "yacht", "method": "laplace", "rmse": "0.5", "loglik": "-0.3"},
+    ]
+    lines = mod.uci_table(rows, refs)
+    assert any("-3.070 (does not reach it)" in line for line in lines)
+    assert any("-0.300 (matches or beats it)" in line for line in lines)
+    assert "| laplace | 20 | 0.500 ± 0.100 | **-0.300 ± 0.050** | 1.0 |" in lines
+    assert "| map | 20 | 4.700 ± 0.100 | -3.740 ± 0.050 | 1.0 |" in lines

@@ -437,3 +437,19 @@ def test_default_laplace_on_friedman_regression_is_finite_and_calibrated():
     row = run_task("friedman", "laplace", 0, progress=False)
     assert row["nll"] < 1.0  # MAP alone: ~250 (its noise scale is far too small for the test set)
     assert 0.85 <= row["coverage_90"] <= 0.99
+
+
+def test_auto_subset_is_last_layer_for_classification_and_all_for_regression(make_net):
+    x, y = _blobs(40, 1)
+    clf = pbnn.BNN(make_net(inp=2, hidden=4, out=2), likelihood=pbnn.likelihoods.Categorical())
+    post = pbnn.fit(clf, x, y, method="laplace", **FAST)
+    assert post.info["subset"] == "last_layer" and sorted(post.samples) == ["2.bias", "2.weight"]
+    reg = pbnn.BNN(make_net(inp=2, hidden=4, out=1))
+    post = pbnn.fit(reg, x, y.float(), method="laplace", **FAST)
+    assert post.info["subset"] == "all" and sorted(post.samples) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    # a classifier whose last layer is deterministic: "auto" falls back to the Bayesian weights there are
+    first_only = pbnn.BNN(
+        make_net(inp=2, hidden=4, out=2), likelihood=pbnn.likelihoods.Categorical(), bayesian=lambda n: n[0] == "0"
+    )
+    post = pbnn.fit(first_only, x, y, method="laplace", **FAST)
+    assert post.info["subset"] == "all" and sorted(post.samples) == ["0.bias", "0.weight"]

@@ -2,9 +2,10 @@
 
 Three independent choices (as in laplace-torch, Daxberger et al. 2021, "Laplace Redux"):
 
-* ``subset``: which weights get the Gaussian (``"all"`` Bayesian weights or the
-  ``"last_layer"``); the rest, the likelihood noise (e.g. a learned ``sigma``) and prior
-  hyper-parameters stay at their MAP values (in ``Posterior.fixed``);
+* ``subset``: which weights get the Gaussian (``"all"`` Bayesian weights, the
+  ``"last_layer"``, or ``"auto"``: the last layer for classification, all for regression);
+  the rest, the likelihood noise (e.g. a learned ``sigma``) and prior hyper-parameters stay
+  at their MAP values (in ``Posterior.fixed``);
 * ``hessian``: the curvature: ``"full"`` (exact Hessian via Pyro's
   ``AutoLaplaceApproximation``, small nets), ``"ggn"`` (full generalised Gauss-Newton),
   ``"diag"`` (its diagonal) or ``"kfac"`` (Kronecker-factored per ``nn.Linear``);
@@ -62,7 +63,7 @@ from pbnn.training import resolve_batch_size, run_adam, seeded
 __all__ = ["Laplace", "LaplacePredictor", "GLMPrediction", "FULL_HESSIAN_LIMIT", "DENSE_LIMIT"]
 
 HESSIANS = ("full", "ggn", "diag", "kfac")
-SUBSETS = ("all", "last_layer")
+SUBSETS = ("auto", "all", "last_layer")
 PREDICTIVES = ("glm", "nn")
 STRUCTURES = ("scalar", "layerwise")
 # hessian="full" takes D reverse passes and a dense D x D inverse: refused above this D.
@@ -79,7 +80,12 @@ class Laplace(Backend):
             construction, D <= 5000), ``"diag"``, ``"kfac"`` (``nn.Linear`` layers only) or
             ``"full"`` (the exact Hessian of the negative log joint from Pyro's
             ``AutoLaplaceApproximation``, D <= 1000; often not positive definite for BNNs).
-        subset: ``"all"`` Bayesian weights or ``"last_layer"`` (the last module with parameters).
+        subset: ``"auto"`` (default: ``"last_layer"`` for a classification likelihood, ``"all"``
+            otherwise), ``"all"`` Bayesian weights or ``"last_layer"`` (the last module with
+            parameters). Why ``"auto"``: with a marglik-tuned prior, all-weights Laplace at an
+            interpolating classifier is underconfident (digits: NLL 0.35, ECE 0.23 against the last
+            layer's 0.11, 0.05, at a tenth of the fit time), while for regression all weights give
+            the better in-between uncertainty (the gap task, the UCI protocol).
         prior_precision: ``"marglik"`` (default: tuned by maximising the Laplace log marginal
             likelihood), ``"prior"`` (the model's own Gaussian prior) or a positive number.
         prior_structure: for ``"marglik"``: one precision (``"scalar"``) or one per layer
@@ -107,7 +113,7 @@ class Laplace(Backend):
     def __init__(
         self,
         hessian: str = "ggn",
-        subset: str = "all",
+        subset: str = "auto",
         prior_precision: str | float = "marglik",
         prior_structure: str = "scalar",
         predictive: str = "glm",
@@ -159,7 +165,7 @@ class Laplace(Backend):
             )
         if self.hessian != "full" or self.predictive == "glm":
             check_likelihood(model.likelihood)
-        names = self._subset_names(model)
+        subset, names = self._subset_names(model)
         dim = sum(int(math.prod(p.shape)) for n, p in model.net.named_parameters() if n in names)
         self._check_dim(dim)
         batch = resolve_batch_size(self.batch_size, len(data))
@@ -183,7 +189,7 @@ class Laplace(Backend):
         info = {
             "losses": losses,
             "hessian": hessian,
-            "subset": self.subset,
+            "subset": subset,
             "predictive": self.predictive,
             "prior_precision": {g: float(p) for g, p in zip(groups["labels"], groups["values"](prec))},
             "log_marginal_likelihood": lml,
@@ -203,15 +209,19 @@ class Laplace(Backend):
         )
 
     # ------------------------------------------------------------------ pieces
-    def _subset_names(self, model: BNN) -> list[str]:
-        if self.subset == "all":
-            return list(model.bayesian_names)
+    def _subset_names(self, model: BNN) -> tuple[str, list[str]]:
+        """The resolved subset (``"auto"`` decided) and the names of its Bayesian weights."""
         last = [m for m in model.net.modules() if any(True for _ in m.parameters(recurse=False))][-1]
         ids = {id(p) for p in last.parameters(recurse=False)}
-        names = [n for n, p in model.net.named_parameters() if id(p) in ids and n in model.bayesian_names]
-        if not names:
+        last_names = [n for n, p in model.net.named_parameters() if id(p) in ids and n in model.bayesian_names]
+        subset = self.subset
+        if subset == "auto":
+            subset = "last_layer" if model.likelihood.is_classification and last_names else "all"
+        if subset == "all":
+            return subset, list(model.bayesian_names)
+        if not last_names:
             raise ValueError("subset='last_layer': the model's last layer has no Bayesian parameters; use subset='all'")
-        return names
+        return subset, last_names
 
     def _check_dim(self, dim: int) -> None:
         if self.hessian == "full" and dim > FULL_HESSIAN_LIMIT:
