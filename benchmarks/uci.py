@@ -4,7 +4,8 @@ The data are not bundled (pbnn runs offline and ships no third-party data): put 
 whitespace-separated numeric text file per data set in a folder, rows = examples, no
 header, columns as in the UCI repository's original file (``concrete.txt``: 8 inputs then
 strength; ``energy.txt``: 8 inputs then heating and cooling load, the target is heating load
-as in Hernandez-Lobato & Adams 2015; ``yacht.txt``: 6 inputs then residuary resistance; ...).
+as in Hernandez-Lobato & Adams 2015; ``yacht.txt``: 6 inputs then residuary resistance;
+``kin8nm``, ``power``, ``wine`` (red): the inputs then the target).
 Each (data set, method) pair runs ``pbnn.bench.regression_protocol`` with the method's
 default options in its own worker process (one torch thread each), and the results are
 appended to a CSV that ``benchmarks/make_docs.py`` turns into the docs' UCI table.
@@ -29,7 +30,6 @@ COLUMNS = ["dataset", "method", "splits", "rmse", "rmse_se", "loglik", "loglik_s
 
 # data set -> (number of input columns, target column): inputs are the first columns.
 DATASETS = {
-    "boston": (13, 13),
     "concrete": (8, 8),
     "energy": (8, 8),
     "kin8nm": (8, 8),
@@ -42,8 +42,9 @@ DATASETS = {
 def load(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     n_inputs, target = DATASETS[name]
     table = np.loadtxt(data_dir / f"{name}.txt")
-    if table.ndim != 2 or table.shape[1] <= max(n_inputs - 1, target):
-        raise ValueError(f"{name}.txt: expected at least {max(n_inputs, target + 1)} columns, got shape {table.shape}")
+    needed = max(n_inputs, target + 1)
+    if table.ndim != 2 or table.shape[1] < needed:
+        raise ValueError(f"{name}.txt: expected a table of at least {needed} columns, got shape {table.shape}")
     return table[:, :n_inputs], table[:, target]
 
 
