@@ -3,6 +3,9 @@
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,3 +80,16 @@ def test_uci_table_checks_each_data_set_against_published_mc_dropout():
     assert any("-0.300 (matches or beats it)" in line for line in lines)
     assert "| laplace | 20 | 0.500 ± 0.100 | **-0.300 ± 0.050** | 1.0 |" in lines
     assert "| map | 20 | 4.700 ± 0.100 | -3.740 ± 0.050 | 1.0 |" in lines
+
+
+def test_uci_script_reads_inputs_and_target_columns(tmp_path):
+    spec = importlib.util.spec_from_file_location("uci", ROOT / "benchmarks" / "uci.py")
+    uci = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(uci)
+    table = np.arange(40.0).reshape(4, 10)  # energy: 8 inputs, heating load, cooling load
+    np.savetxt(tmp_path / "energy.txt", table)
+    X, y = uci.load(tmp_path, "energy")
+    assert np.array_equal(X, table[:, :8]) and np.array_equal(y, table[:, 8])
+    np.savetxt(tmp_path / "yacht.txt", table[:, :5])
+    with pytest.raises(ValueError, match="at least 7 columns"):
+        uci.load(tmp_path, "yacht")
