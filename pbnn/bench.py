@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 import pbnn
+from pbnn.data import as_tensor
 from pbnn.datasets import gap_regression
+from pbnn.infer.base import check_positive_int
 
 __all__ = ["regression_protocol", "TASKS", "run_task", "run_jobs", "QUICK_OPTIONS", "DEFAULT_METHODS"]
 
@@ -110,10 +112,18 @@ def regression_protocol(
     y = np.asarray(y, dtype=np.float64).reshape(-1)
     if X.ndim == 1:
         X = X[:, None]
+    # NaN / inf rows are named here, before standardising spreads a NaN to every row.
+    as_tensor(X, "X")
+    as_tensor(y, "y")
     if X.shape[0] != y.shape[0]:
         raise ValueError(f"X has {X.shape[0]} rows but y has {y.shape[0]}")
+    check_positive_int("n_splits", n_splits)
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     n = X.shape[0]
     n_test = max(1, int(round(test_fraction * n)))
+    if n - n_test < 2:
+        raise ValueError(f"{n} rows leave {n - n_test} for training; the protocol needs at least 2")
     rng = np.random.default_rng(seed)
     rmses, lls = [], []
     opts = {**_options_for(method, {"progress": progress}), **options}

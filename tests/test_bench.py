@@ -30,6 +30,16 @@ def test_protocol_errors():
         regression_protocol(X, y[:-1], "map", n_splits=1)
     with pytest.raises(ValueError, match="unknown method"):
         regression_protocol(X, y, "nope", n_splits=1)
+    y_nan = y.copy()
+    y_nan[3] = np.nan
+    with pytest.raises(ValueError, match=r"y contains NaN or inf in 1 row\(s\) \(first: \[3\]\)"):
+        regression_protocol(X, y_nan, "map", n_splits=1)
+    with pytest.raises(ValueError, match="n_splits must be a positive integer"):
+        regression_protocol(X, y, "map", n_splits=0)
+    with pytest.raises(ValueError, match="test_fraction"):
+        regression_protocol(X, y, "map", n_splits=1, test_fraction=1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        regression_protocol(X[:2], y[:2], "map", n_splits=1)
 
 
 def test_run_task_classification_metrics():
