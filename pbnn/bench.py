@@ -107,6 +107,10 @@ def regression_protocol(
 
     Returns:
         ``{"rmse", "rmse_se", "loglik", "loglik_se"}`` as floats.
+
+    Raises:
+        ValueError: NaN / inf rows in ``X`` or ``y`` (named), mismatched row counts, an unknown
+            method, ``n_splits < 1``, ``test_fraction`` outside (0, 1), fewer than 2 training rows.
     """
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).reshape(-1)
