@@ -205,10 +205,8 @@ def render(results: Path = RESULTS, references: Path = REFERENCES) -> str:
             "",
             *target,
         ]
-    uci_file = results / "uci" / "protocol.csv"
-    if uci_file.exists():
-        with open(uci_file, newline="") as fh:
-            uci_rows = list(csv.DictReader(fh))
+    uci_rows = load_rows(results / "uci")
+    if uci_rows:
         out += [
             "",
             "## UCI regression protocol",

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
+
+from pbnn.bench import _worker_init, regression_protocol, usable_cpus
 
 RESULTS = Path(__file__).resolve().parent / "results" / "uci" / "protocol.csv"
 COLUMNS = ["dataset", "method", "splits", "rmse", "rmse_se", "loglik", "loglik_se", "fit_min"]
@@ -49,11 +51,6 @@ def load(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_one(data_dir: str, name: str, method: str, splits: int) -> dict:
-    import torch
-
-    from pbnn.bench import regression_protocol
-
-    torch.set_num_threads(1)
     X, y = load(Path(data_dir), name)
     start = time.perf_counter()
     res = regression_protocol(X, y, method, n_splits=splits, seed=0)
@@ -66,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="concrete,energy,yacht", help=f"comma-separated, from {sorted(DATASETS)}")
     parser.add_argument("--methods", default="map,svi,laplace,mc-dropout,sghmc,swag,ensemble")
     parser.add_argument("--splits", type=int, default=20)
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--jobs", type=int, default=usable_cpus())
     parser.add_argument("--out", type=Path, default=RESULTS, help="CSV to append to")
     args = parser.parse_args(argv)
     names, methods = args.datasets.split(","), args.methods.split(",")
@@ -76,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         load(args.data_dir, name)  # fail on a missing or malformed file before any fit
     args.out.parent.mkdir(parents=True, exist_ok=True)
     new_file = not args.out.exists()
-    with open(args.out, "a", newline="") as fh, ProcessPoolExecutor(args.jobs) as pool:
+    # As `pbnn bench`: spawned workers (fork after torch has threads can hang), one torch thread each.
+    context = multiprocessing.get_context("spawn")
+    with (
+        open(args.out, "a", newline="") as fh,
+        ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init) as pool,
+    ):
         writer = csv.DictWriter(fh, COLUMNS)
         if new_file:
             writer.writeheader()
