@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from pbnn.bench import regression_protocol, run_task
+from pbnn.bench import PIXEL_TASKS, _standardise, _standardise_pixels, regression_protocol, run_task
 from pbnn.cli import main
 
 
@@ -40,6 +40,24 @@ def test_protocol_errors():
         regression_protocol(X, y, "map", n_splits=1, test_fraction=1.0)
     with pytest.raises(ValueError, match="at least 2"):
         regression_protocol(X[:2], y[:2], "map", n_splits=1)
+
+
+def test_pixel_standardisation_keeps_rare_pixels_small():
+    """A border pixel that is 0 in all but one training image: per-column standardisation
+    makes a test image with that pixel on an input of size ~40; one mean and std over all
+    pixels keeps it on the scale of the other pixels, and the train pixels get mean 0, std 1."""
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 17, size=(1500, 64)).astype(float)
+    train[:, 0] = 0.0
+    train[0, 0] = 16.0
+    test = train[:5].copy()
+    test[:, 0] = 16.0
+    (_, per_column), _, _ = _standardise(train, test)
+    (tr, te), mu, sd = _standardise_pixels(train, test)
+    assert np.abs(per_column[:, 0]).min() > 30
+    assert np.abs(te).max() < 2.5 and np.abs(tr).max() < 2.5
+    assert tr.mean() == pytest.approx(0.0, abs=1e-12) and tr.std() == pytest.approx(1.0, rel=1e-12)
+    assert "digits" in PIXEL_TASKS
 
 
 def test_run_task_classification_metrics():
