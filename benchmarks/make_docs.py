@@ -34,8 +34,8 @@ TASK_TEXT = {
     "diabetes": "scikit-learn's `load_diabetes` (442 rows, 80/20 split; 10-50-1 ReLU). Standardised units. "
     "Our stand-in for the UCI protocol: no published numbers exist for it.",
     "moons": "Two moons (generated, 300 train / 500 test, noise 0.2; 2-50-2 tanh).",
-    "digits": "scikit-learn's `load_digits` (1797 8x8 images, 80/20 split, pixels standardised with one train mean and std; "
-    "64-50-10 ReLU).",
+    "digits": "scikit-learn's `load_digits` (1797 8x8 images, 80/20 split, pixels standardised with one "
+    "train mean and std; 64-50-10 ReLU).",
 }
 # Metric columns, their headers, and whether lower is better (marks the best method in bold).
 METRICS = {

@@ -294,6 +294,57 @@ def test_cyclical_kernel_under_pyro_mcmc(conjugate):
     assert kernel._step == 200 and kernel.stats["cycle"] == [0] * 5 + [1] * 5
 
 
+# ---------------------------------------------------------------------------- MAP warm start
+
+
+def known_noise(x, y=None, subsample=None):
+    """The conjugate fixture's model, hand-written: theta = (w, b) ~ N(0, 1), sigma = 0.5."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0], subsample=subsample) as i:
+        pyro.sample("obs", dist.Normal(x[i] @ w + b, 0.5), obs=None if y is None else y[i])
+
+
+@pytest.mark.parametrize("kind", ["bnn", "pyro"])
+def test_map_warm_start_reaches_the_conjugate_posterior_mode(kind, conjugate):
+    c = conjugate
+    if kind == "bnn":
+        model = pbnn.BNN(torch.nn.Linear(2, 1), likelihood=pbnn.likelihoods.Gaussian(c["sigma"]))
+    else:
+        model = known_noise
+    data = pbnn.data.validate(model, c["x"], c["y"])
+    start = pbnn.sgmcmc.chain_initial_params(model, data, 0)
+    end = pbnn.sgmcmc.map_warm_start(model, data, start, num_steps=3000)
+    w, b = (end["weight"].reshape(-1), end["bias"]) if kind == "bnn" else (end["w"], end["b"][None])
+    theta = torch.cat([w, b])
+    sd = c["cov"].diagonal().sqrt()
+    # the Gaussian posterior's mode is its mean; the start is ~1 sd or more away
+    assert ((theta - c["mean"]).abs() / sd < 0.02).all(), (theta, c["mean"])
+
+
+def test_init_map_starts_the_chain_at_the_mode(conjugate):
+    c = conjugate
+    model = pbnn.BNN(torch.nn.Linear(2, 1), likelihood=pbnn.likelihoods.Gaussian(c["sigma"]))
+    kw = dict(num_samples=1, warmup=0, thinning=1, step_size=1e-6, temperature=0.0, seed=0, progress=False)
+    net_start = pbnn.fit(model, c["x"], c["y"], method="sgld", **kw)
+    map_start = pbnn.fit(model, c["x"], c["y"], method="sgld", init="map", **kw)
+    sd = c["cov"].diagonal().sqrt()
+
+    def dist_to_mode(post):  # one tiny noise-free step from the start: the start itself
+        theta = torch.cat([post.samples["weight"].reshape(-1), post.samples["bias"].reshape(-1)])
+        return ((theta - c["mean"]).abs() / sd).max()
+
+    assert dist_to_mode(map_start) < 0.02 and dist_to_mode(net_start) > 0.5
+    # "auto" (the cyclical samplers' default) warm-starts a BNN without a learned noise scale only
+    cyc = dict(kw, num_cycles=1, exploration=0.0)
+    fixed_noise = pbnn.fit(model, c["x"], c["y"], method="csgld", **cyc)
+    assert dist_to_mode(fixed_noise) < 0.02
+    learned = pbnn.BNN(torch.nn.Linear(2, 1), likelihood=pbnn.likelihoods.Gaussian("learned"))
+    assert dist_to_mode(pbnn.fit(learned, c["x"], c["y"], method="csgld", **cyc)) > 0.5
+    assert pbnn.infer.CyclicalSGLD().init == pbnn.infer.CyclicalSGHMC().init == "auto"
+    assert pbnn.infer.SGLD().init == pbnn.infer.SGHMC().init == pbnn.infer.PSGLD().init == "net"
+
+
 # ---------------------------------------------------------------------------- reproducibility and errors
 
 
@@ -341,6 +392,8 @@ def test_divergence_names_the_step_and_stores_nothing(conjugate):
         ("csgld", {"exploration": 1.0}, "exploration"),
         ("csghmc", {"num_cycles": 0}, "num_cycles"),
         ("csgld", {"num_samples": 2, "num_cycles": 4}, "num_cycles"),
+        ("sgld", {"init": "prior"}, "init"),
+        ("csghmc", {"map_steps": 0}, "map_steps"),
     ],
 )
 def test_bad_options(method, options, match):

@@ -28,6 +28,7 @@ import torch
 from pbnn import distributed, mcmc
 from pbnn.data import Data
 from pbnn.infer.base import Backend, check_nonneg_int, check_positive, check_positive_int
+from pbnn.model import BNN
 from pbnn.posterior import Posterior
 from pbnn.sgmcmc import (
     CyclicalSGHMCKernel,
@@ -37,6 +38,7 @@ from pbnn.sgmcmc import (
     SGLDKernel,
     chain_initial_params,
     is_exploration,
+    map_warm_start,
 )
 from pbnn.training import seeded
 
@@ -52,6 +54,7 @@ class _SGMCMC(Backend):
     """Options shared by every SG-MCMC backend (see :class:`SGLD` for their meaning)."""
 
     default_step_size = 1e-2
+    default_init = "net"
 
     def __init__(
         self,
@@ -65,6 +68,9 @@ class _SGMCMC(Backend):
         seed: int | None = None,
         progress: bool = True,
         compile: bool | str = "auto",
+        *,
+        init: str | None = None,
+        map_steps: int = 3000,
     ) -> None:
         self.num_samples = check_positive_int("num_samples", num_samples)
         self.warmup = check_nonneg_int("warmup", warmup)
@@ -78,6 +84,15 @@ class _SGMCMC(Backend):
         self.seed = seed
         self.progress = progress
         self.compile = mcmc.check_compile(compile)
+        self.init = self.default_init if init is None else init
+        if self.init not in ("net", "map", "auto"):
+            raise ValueError(f"init must be 'net', 'map' or 'auto', got {init!r}")
+        self.map_steps = check_positive_int("map_steps", map_steps)
+
+    def _warm_start(self, model, data: Data) -> bool:
+        if self.init == "auto":  # see CyclicalSGLD: a BNN without a learned noise scale
+            return isinstance(model, BNN) and not model.noise_sites(model.output_dim(data.x))
+        return self.init == "map"
 
     def _kernel(self, model, seed: int):
         raise NotImplementedError
@@ -97,6 +112,10 @@ class _SGMCMC(Backend):
         def run(c: int, gen: torch.Generator):  # chain c; its randomness depends only on (seed, c)
             with pyro.get_param_store().scope():
                 init = chain_initial_params(model, data, c)
+                if self._warm_start(model, data):
+                    init = map_warm_start(
+                        model, data, init, num_steps=self.map_steps, batch_size=self.batch_size, progress=self.progress
+                    )
                 kernel = self._kernel(model, int(torch.randint(0, 2**62, (), generator=gen).item()))
                 mcmc = pyro.infer.MCMC(
                     kernel,
@@ -158,6 +177,13 @@ class SGLD(_SGMCMC):
             ``b = decay_b``, ``gamma = decay_gamma`` and ``a`` such that step 0 has ``step_size``.
         seed: seed for the kernel's noise, minibatches and chain starts.
         progress: show Pyro's progress bar.
+        init: ``"net"`` (default: each chain starts at its own initialisation, see
+            ``num_chains``) or ``"map"``: from there, ``map_steps`` of Adam on the same target
+            and minibatches first (:func:`pbnn.sgmcmc.map_warm_start`: a BNN's weights only,
+            its noise scale stays at the prior median), so the chain starts near a mode and
+            burn-in is short; ``"auto"``: ``"map"`` for a BNN without a learned noise scale
+            (classification, fixed-noise regression), ``"net"`` otherwise.
+        map_steps: Adam steps of the ``init="map"`` warm start (default 3000, as ``method="map"``).
 
     The Posterior's ``sample_stats["step_size"]`` holds the learning rate of the step
     that produced each draw; there is no acceptance rate (SG-MCMC has no accept step).
@@ -186,10 +212,13 @@ class SGLD(_SGMCMC):
         seed: int | None = None,
         progress: bool = True,
         compile: bool | str = "auto",
+        init: str | None = None,
+        map_steps: int = 3000,
     ) -> None:
         super().__init__(
-            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, seed, progress, compile
-        )
+            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, seed, progress, compile,
+            init=init, map_steps=map_steps,
+        )  # fmt: skip
         if schedule not in ("constant", "polynomial"):
             raise ValueError(f"schedule must be 'constant' or 'polynomial', got {schedule!r}")
         self.schedule, self.decay_b, self.decay_gamma = schedule, decay_b, decay_gamma
@@ -243,10 +272,12 @@ class SGHMC(SGLD):
         seed: int | None = None,
         progress: bool = True,
         compile: bool | str = "auto",
+        init: str | None = None,
+        map_steps: int = 3000,
     ) -> None:
         super().__init__(
             num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, schedule, decay_b,
-            decay_gamma, seed, progress, compile,
+            decay_gamma, seed, progress, compile, init, map_steps,
         )  # fmt: skip
         if not isinstance(friction, (int, float)) or not 0 < friction <= 1:
             raise ValueError(f"friction must be in (0, 1], got {friction!r}")
@@ -292,10 +323,12 @@ class PSGLD(SGLD):
         seed: int | None = None,
         progress: bool = True,
         compile: bool | str = "auto",
+        init: str | None = None,
+        map_steps: int = 3000,
     ) -> None:
         super().__init__(
             num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, schedule, decay_b,
-            decay_gamma, seed, progress, compile,
+            decay_gamma, seed, progress, compile, init, map_steps,
         )  # fmt: skip
         if not 0 < alpha < 1 or not eps > 0:
             raise ValueError(f"pSGLD needs 0 < alpha < 1 and eps > 0, got alpha={alpha!r}, eps={eps!r}")
@@ -357,6 +390,16 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
             region), so it must be stable there: on the gap demo data 1e-2 and 2e-2 diverged at
             a cycle restart.
         warmup: transitions discarded (default 0: each exploration stage is the burn-in).
+        init: default ``"auto"``: a MAP warm start of the weights (``map_steps`` Adam steps,
+            :func:`pbnn.sgmcmc.map_warm_start`) before the first cycle for a BNN without a
+            learned noise scale (classification, fixed-noise regression); otherwise the
+            network's initialisation (``"net"``; a Pyro model: its prior median). From the
+            initialisation the noise-free exploration stages, SGD at an average rate
+            ``alpha_0 / 2``, under-train a classifier in the default budget (digits:
+            single-draw train accuracy 0.94 in cycle 0; moons accuracy 0.88 against 0.96
+            warm-started). With a learned noise scale the warm start hurts: the exploration
+            stages then pull the scale down onto the training residuals of the trained net
+            (Friedman, seed 0: test NLL 1.17 warm-started against 0.36 from scratch).
         others: as :class:`SGLD` (no ``schedule``).
 
     ``sample_stats["cycle"]`` holds each draw's cycle (0-based) and
@@ -371,6 +414,7 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
 
     name = "csgld"
     default_step_size = 5e-3
+    default_init = "auto"
 
     def __init__(
         self,
@@ -386,10 +430,13 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
         seed: int | None = None,
         progress: bool = True,
         compile: bool | str = "auto",
+        init: str | None = None,
+        map_steps: int = 3000,
     ) -> None:
         super().__init__(
-            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, seed, progress, compile
-        )
+            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, seed, progress, compile,
+            init=init, map_steps=map_steps,
+        )  # fmt: skip
         self._cyclical_init(num_cycles, exploration)
 
     def _kernel(self, model, seed):
@@ -413,6 +460,7 @@ class CyclicalSGHMC(_CyclicalMixin, _SGMCMC):
 
     name = "csghmc"
     default_step_size = 2e-3
+    default_init = "auto"
 
     def __init__(
         self,
@@ -429,10 +477,13 @@ class CyclicalSGHMC(_CyclicalMixin, _SGMCMC):
         seed: int | None = None,
         progress: bool = True,
         compile: bool | str = "auto",
+        init: str | None = None,
+        map_steps: int = 3000,
     ) -> None:
         super().__init__(
-            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, seed, progress, compile
-        )
+            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, seed, progress, compile,
+            init=init, map_steps=map_steps,
+        )  # fmt: skip
         self._cyclical_init(num_cycles, exploration)
         if not isinstance(friction, (int, float)) or not 0 < friction <= 1:
             raise ValueError(f"friction must be in (0, 1], got {friction!r}")
