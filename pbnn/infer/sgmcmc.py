@@ -109,10 +109,12 @@ class _SGMCMC(Backend):
         }
 
     def fit(self, model, data: Data) -> Posterior:
+        warm_start = self._warm_start(model, data)
+
         def run(c: int, gen: torch.Generator):  # chain c; its randomness depends only on (seed, c)
             with pyro.get_param_store().scope():
                 init = chain_initial_params(model, data, c)
-                if self._warm_start(model, data):
+                if warm_start:
                     init = map_warm_start(
                         model, data, init, num_steps=self.map_steps, batch_size=self.batch_size, progress=self.progress
                     )
