@@ -53,7 +53,7 @@ from pbnn.data import Data, validate
 from pbnn.mcmc import Target
 from pbnn.model import BNN
 from pbnn.potential import Potential
-from pbnn.training import batch_indices, resolve_batch_size
+from pbnn.training import batch_indices, resolve_batch_size, run_adam
 
 __all__ = [
     "sgld_step",
@@ -334,8 +334,6 @@ def map_warm_start(
         >>> round(float(map_warm_start(model, data, start, num_steps=2000)["weight"]), 2)
         3.0
     """
-    from pbnn.training import run_adam
-
     batch = resolve_batch_size(batch_size, len(data))
     if isinstance(model, BNN):
         source = _BNNSource(model, data)
