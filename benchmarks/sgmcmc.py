@@ -15,7 +15,7 @@ import time
 import torch
 
 import pbnn
-from pbnn.sgmcmc import CyclicalSGLDKernel, SGHMCKernel, SGLDKernel
+from pbnn.engine.sgmcmc import CyclicalSGLDKernel, SGHMCKernel, SGLDKernel
 
 
 def make_net():
@@ -45,7 +45,7 @@ def main():
 
     net = make_net()
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    batches = pbnn.training.batch_indices(len(x), batch, g)
+    batches = pbnn.engine.training.batch_indices(len(x), batch, g)
 
     def sgd_step():
         idx = next(batches)

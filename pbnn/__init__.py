@@ -12,12 +12,23 @@ Example:
     (torch.Size([64]), torch.Size([64]))
 """
 
-from pbnn import approx, arviz_io, calibration, data, distributed, infer, likelihoods, metrics, potential, priors
+import sys as _sys
+
+from pbnn import infer
 from pbnn.api import fit
-from pbnn.metrics import evaluate
-from pbnn.model import BNN
-from pbnn.posterior import Posterior
-from pbnn.predictive import Prediction
+from pbnn.apps import bench
+from pbnn.core import data, datasets, likelihoods, potential, priors
+from pbnn.core.model import BNN
+from pbnn.engine import distributed
+from pbnn.evaluation import calibration, metrics, plots
+from pbnn.evaluation.metrics import evaluate
+from pbnn.posterior import Posterior, Prediction, approx, arviz_io
+
+# The layers live in sub-packages (core, kernels, engine, posterior, infer, evaluation, apps);
+# the modules users import by their short names stay importable as ``pbnn.<name>``.
+for _module in (approx, arviz_io, bench, calibration, data, datasets, distributed, likelihoods, metrics, plots, potential, priors):
+    _sys.modules[f"pbnn.{_module.__name__.rsplit('.', 1)[-1]}"] = _module
+del _module
 
 __version__ = "0.1.0"
 
@@ -37,4 +48,7 @@ __all__ = [
     "distributed",
     "metrics",
     "potential",
+    "plots",
+    "datasets",
+    "bench",
 ]

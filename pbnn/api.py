@@ -24,9 +24,10 @@ Example:
 
 from __future__ import annotations
 
-from pbnn.data import validate
+from pbnn.core.data import validate
+from pbnn.core.potential import Potential
 from pbnn.infer.base import Backend, make_backend
-from pbnn.posterior import Posterior
+from pbnn.posterior.posterior import Posterior
 
 __all__ = ["fit"]
 
@@ -62,8 +63,14 @@ def fit(model, x, y, method: str | Backend = "svi", *, distributed: bool = False
     backend = make_backend(method, **options)
     data = validate(model, x, y)
     if not distributed:
-        return backend.fit(model, data)
-    from pbnn.distributed import data_parallel
+        return _fit(backend, model, data)
+    from pbnn.engine.distributed import data_parallel
 
     with data_parallel():
+        return _fit(backend, model, data)
+
+
+def _fit(backend: Backend, model, data) -> Posterior:
+    if type(backend).run is Backend.run:  # a backend that still implements fit(model, data) itself
         return backend.fit(model, data)
+    return backend.fit(Potential(model, data))  # the one potential of this fit

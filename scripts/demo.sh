@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pbnn.demo "$@"
+exec .venv/bin/python -m pbnn.apps.demo "$@"

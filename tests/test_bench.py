@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pbnn.bench import PIXEL_TASKS, _standardise, _standardise_pixels, regression_protocol, run_task
-from pbnn.cli import main
+from pbnn.apps.cli import main
 
 
 def _data(n=80, seed=0):

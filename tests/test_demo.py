@@ -1,6 +1,6 @@
 """The README's demo: SVI must beat MAP on test NLL and widen its bands in the gap."""
 
-from pbnn.demo import main
+from pbnn.apps.demo import main
 
 
 def test_demo_svi_beats_map(tmp_path, capsys):

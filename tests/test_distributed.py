@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pbnn
-from pbnn.training import run_adam
+from pbnn.engine.training import run_adam
 
 
 def _data():

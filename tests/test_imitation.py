@@ -200,7 +200,7 @@ def test_mc_dropout_weight_decay_equals_the_formula(make_net):
     decay = pbnn.infer.dropout.weight_decay(model, targets, n, 1 / sigma**2)
     z = pot.initial_z().requires_grad_(True)
     prior_weights = {k: 1 - v for k, v in targets.items()}
-    loss = -pbnn.pointfit.map_log_joint(pot, z, prior_weights=prior_weights) / (n / sigma**2)
+    loss = -pbnn.engine.pointfit.map_log_joint(pot, z, prior_weights=prior_weights) / (n / sigma**2)
     (g,) = torch.autograd.grad(loss, z)
     zz = z.detach().clone().requires_grad_(True)
     vals, _ = pot.unpack(zz)
@@ -278,7 +278,7 @@ def test_swag_with_batchnorm_recomputes_statistics_per_draw(tmp_path):
     x = torch.linspace(-2, 2, 40)[:, None]
     post = pbnn.fit(pbnn.BNN(net), x, torch.sin(x[:, 0]), method="swag", start=30, num_steps=60, num_samples=4,
                     seed=0, progress=False)  # fmt: skip
-    assert post.predictor is pbnn.pointfit.predict_bn_refresh
+    assert post.predictor is pbnn.engine.pointfit.predict_bn_refresh
     xt = torch.linspace(-3, 3, 9)[:, None]
     full = post.predict(xt).samples
     assert torch.allclose(full[:, 3:4], post.predict(xt[3:4]).samples, atol=1e-5)  # eval mode at prediction

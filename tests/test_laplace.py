@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pbnn
-from pbnn.curvature import ggn_diag, ggn_full, kfac_factors, output_jacobian
+from pbnn.infer.curvature import ggn_diag, ggn_full, kfac_factors, output_jacobian
 from pbnn.infer.laplace import LaplacePredictor
 
 FAST = {"map_steps": 200, "progress": False, "seed": 0}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pbnn
-from pbnn.mcmc import ess_bulk
+from pbnn.engine.mcmc import ess_bulk
 
 
 @pytest.fixture(autouse=True)

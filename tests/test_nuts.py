@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pbnn
-from pbnn.mcmc import ess_bulk, sample_chains, value_and_grad
+from pbnn.engine.mcmc import ess_bulk, sample_chains, value_and_grad
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pbnn
-from pbnn.predictive import predict_bnn
+from pbnn.posterior.predictive import predict_bnn
 
 
 def _posterior(make_net, draws=30, lik=None, out=1):

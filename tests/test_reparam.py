@@ -9,7 +9,7 @@ from torch.distributions import Independent, Normal
 import pbnn
 import pbnn.data
 import pbnn.potential
-from pbnn.reparam import negative_elbo, perturbed
+from pbnn.infer.reparam import negative_elbo, perturbed
 
 ESTIMATORS = ["reparam", "local_reparam", "flipout"]
 

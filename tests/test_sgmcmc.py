@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pbnn
-from pbnn.sgmcmc import (
+from pbnn.engine.sgmcmc import (
     CyclicalSGLDKernel,
     SGHMCKernel,
     SGLDKernel,
@@ -313,8 +313,8 @@ def test_map_warm_start_reaches_the_conjugate_posterior_mode(kind, conjugate):
     else:
         model = known_noise
     data = pbnn.data.validate(model, c["x"], c["y"])
-    start = pbnn.sgmcmc.chain_initial_params(model, data, 0)
-    end = pbnn.sgmcmc.map_warm_start(model, data, start, num_steps=3000)
+    start = pbnn.engine.sgmcmc.chain_initial_params(model, data, 0)
+    end = pbnn.engine.sgmcmc.map_warm_start(model, data, start, num_steps=3000)
     w, b = (end["weight"].reshape(-1), end["bias"]) if kind == "bnn" else (end["w"], end["b"][None])
     theta = torch.cat([w, b])
     sd = c["cov"].diagonal().sqrt()

@@ -1,4 +1,5 @@
-"""Inference backends. Each is one file; ``BACKENDS`` maps method names to classes.
+"""Inference backends. Each is one file that registers itself (``@register("name")``);
+``BACKENDS`` maps method names to classes.
 
 Example:
     >>> import pbnn
@@ -18,26 +19,6 @@ from pbnn.infer.sgmcmc import PSGLD, SGHMC, SGLD, CyclicalSGHMC, CyclicalSGLD
 from pbnn.infer.svi import SVI
 from pbnn.infer.swag import SWA, SWAG, MultiSWAG
 
-# approximation
-register("svi", SVI)
-register("map", MAP)
-register("laplace", Laplace)
-register("nuts", NUTS)
-register("hmc", HMC)
-register("mh", MH)
-register("sgld", SGLD)
-register("sghmc", SGHMC)
-register("psgld", PSGLD)
-register("csgld", CyclicalSGLD)
-register("csghmc", CyclicalSGHMC)
-# imitation
-register("ensemble", DeepEnsemble)
-register("swa", SWA)
-register("swag", SWAG)
-register("multiswag", MultiSWAG)
-register("fge", FGE)
-register("mc-dropout", MCDropout)
-register("dropconnect", DropConnect)
 
 __all__ = [
     "BACKENDS",

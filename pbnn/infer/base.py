@@ -1,38 +1,228 @@
-"""What every backend shares: the ``Backend`` interface and the method registry.
+"""What every backend shares: the ``Backend`` interface, shared option groups and the registry.
 
-A backend is a small object built from its options; ``backend.fit(model, data)``
-returns a :class:`pbnn.Posterior`. A new backend is one file in ``pbnn/infer/`` plus one
-``register`` line in ``pbnn/infer/__init__.py``.
+A backend is a frozen dataclass of its options (declared once, checked on construction)
+plus one method, ``run(potential) -> Posterior``. :func:`pbnn.fit` builds the model's
+:class:`pbnn.potential.Potential` once and calls ``backend.fit(potential)``, which does the
+common set-up: it checks that the backend serves this model kind (``model_kinds``), seeds
+torch's RNG from ``seed`` (broadcast to every rank under ``torch.distributed``) without
+disturbing the caller's RNG, runs the backend in its own Pyro parameter scope, and records
+the wall time. ``@register("name")`` adds the class to ``BACKENDS``; a new backend is one
+file in ``pbnn/infer/`` (see ``docs/writing_a_backend.md``).
+
+Options keep one name per concept across backends. ``renamed`` maps a former option name
+to its new one: the old name keeps working for one release, with a ``DeprecationWarning``.
+
+Example:
+    >>> import torch, pbnn
+    >>> from dataclasses import dataclass
+    >>> from pbnn.infer.base import Backend, RunOptions, register
+    >>> @register("prior-draws")
+    ... @dataclass(frozen=True, kw_only=True)
+    ... class PriorDraws(Backend, RunOptions):
+    ...     '''Draws from the initialisation jittered by N(0, scale^2): a toy "posterior".'''
+    ...     num_samples: int = pbnn.core.options.option(10, pbnn.core.options.positive_int)
+    ...     def run(self, potential):
+    ...         z = potential.initial_z() + 0.1 * torch.randn(self.num_samples, potential.dim)
+    ...         return self.posterior(potential, potential.layout.constrain(z[None]))
+    >>> model = pbnn.BNN(torch.nn.Linear(1, 1))
+    >>> post = pbnn.fit(model, torch.randn(8, 1), torch.randn(8), method="prior-draws", seed=0)
+    >>> post.method, post.samples["weight"].shape
+    ('prior-draws', torch.Size([1, 10, 1, 1]))
+    >>> _ = BACKENDS.pop("prior-draws")
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import functools
+import time
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
 
+import pyro
 import torch
 
-from pbnn.data import Data
+from pbnn.core.data import Data, validate
+from pbnn.core.options import (
+    Options,
+    check_nonneg_int,
+    check_positive,
+    check_positive_int,
+    nonneg,
+    nonneg_int,
+    option,
+    optional,
+    positive,
+    positive_int,
+    random_seed,
+)
+from pbnn.core.potential import Potential, accepts_subsample
+from pbnn.engine.distributed import broadcast_seed
+from pbnn.engine.training import resolve_batch_size, seeded
+from pbnn.posterior.posterior import Posterior
 
-__all__ = ["Backend", "register", "make_backend", "BACKENDS", "accepts_subsample"]
+__all__ = [
+    "Backend",
+    "register",
+    "make_backend",
+    "BACKENDS",
+    "RunOptions",
+    "OptimOptions",
+    "ChainOptions",
+    "accepts_subsample",
+    "check_positive",
+    "check_positive_int",
+    "check_nonneg_int",
+]
 
 BACKENDS: dict[str, type[Backend]] = {}
 
 
 class Backend:
-    """Interface of an inference backend."""
+    """Interface of an inference backend: implement :meth:`run`.
 
-    name: str = ""
+    Class attributes:
+        name: the method name (set by :func:`register`).
+        model_kinds: the model kinds it serves, ``"bnn"`` (a :class:`pbnn.BNN`) and / or
+            ``"pyro"`` (a hand-written Pyro model).
+        renamed: former option names -> current ones (accepted with a DeprecationWarning).
+    """
 
-    def fit(self, model, data: Data):  # -> pbnn.Posterior
+    name: ClassVar[str] = ""
+    model_kinds: ClassVar[tuple[str, ...]] = ("bnn", "pyro")
+    renamed: ClassVar[dict[str, str]] = {}
+
+    def fit(self, model, data: Data | tuple | None = None) -> Posterior:
+        """Fit ``model`` (a :class:`pbnn.potential.Potential`, or a model plus ``data``) and return
+        its Posterior; see the module docstring for what happens around :meth:`run`."""
+        if isinstance(model, Potential):
+            potential = model
+        else:
+            if not isinstance(data, Data):
+                data = validate(model, *data)
+            potential = Potential(model, data)
+        potential.require(self.name, self.model_kinds)
+        start = time.perf_counter()
+        with seeded(broadcast_seed(getattr(self, "seed", None))), pyro.get_param_store().scope():
+            post = self.run(potential)
+        post.info.setdefault("wall_time", time.perf_counter() - start)
+        return post
+
+    def run(self, potential: Potential) -> Posterior:
+        """The algorithm: from the model's potential to a Posterior (RNG already seeded)."""
         raise NotImplementedError
+
+    def posterior(self, potential: Potential, samples: dict[str, torch.Tensor], **kwargs) -> Posterior:
+        """A Posterior of ``samples`` (``{site: [chain, draw, ...]}``) for this backend's fit."""
+        kwargs.setdefault("fixed", {})
+        return Posterior(potential.model, samples, data=potential.data, method=self.name, **kwargs)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
 
 
-def register(name: str, cls: type[Backend]) -> None:
-    BACKENDS[name] = cls
+# ---------------------------------------------------------------------------- option groups
+@dataclass(frozen=True, kw_only=True)
+class RunOptions(Options):
+    """``seed`` (None: torch's global RNG) and ``progress`` (tqdm bars)."""
+
+    seed: int | None = option(None, random_seed)
+    progress: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimOptions(Options):
+    """Options of every optimiser-driven fit.
+
+    ``num_steps`` optimiser steps at learning rate ``lr``; ``batch_size`` (None: full batch
+    up to 2048 points, else 256); ``accumulate`` micro-batches per step (same update, less
+    memory); ``checkpoint_path`` with ``checkpoint_every``: write a checkpoint every that
+    many steps and resume from the file when it exists.
+    """
+
+    num_steps: int = option(3000, positive_int)
+    lr: float = option(0.01, positive)
+    batch_size: int | None = option(None, optional(positive_int))
+    accumulate: int = option(1, positive_int)
+    checkpoint_path: str | None = None
+    checkpoint_every: int | None = option(None, optional(positive_int))
+
+    def validate(self) -> None:
+        super().validate()
+        if (self.checkpoint_path is None) != (self.checkpoint_every is None):
+            raise ValueError("pass both checkpoint_path and checkpoint_every (or neither)")
+
+    def resolved_batch_size(self, n: int) -> int | None:
+        """The minibatch size for ``n`` data points; None means full batch."""
+        return resolve_batch_size(self.batch_size, n)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChainOptions(Options):
+    """Options of every Markov chain sampler.
+
+    ``num_samples`` draws kept per chain after ``warmup`` iterations, ``num_chains``
+    chains, every ``thinning``-th draw kept; ``init`` (``"net"``: the network's own
+    initialisation jittered by ``init_jitter``; ``"map"``: then ``map_steps`` of Adam
+    first); ``warn``: warn when R-hat, ESS or divergences say the chains did not converge.
+    """
+
+    num_samples: int = option(500, positive_int)
+    warmup: int = option(500, nonneg_int)
+    num_chains: int = option(4, positive_int)
+    thinning: int = option(1, positive_int)
+    init: str | dict = "map"
+    init_jitter: float = option(0.1, nonneg)
+    map_steps: int = option(1000, positive_int)
+    warn: bool = True
+
+
+# ---------------------------------------------------------------------------- registry
+def register(name: str, cls: type[Backend] | None = None):
+    """Register a backend class under ``name``; also usable as ``@register(name)``.
+
+    Wraps the class's ``__init__`` so that the option names in ``renamed`` keep working,
+    with a DeprecationWarning.
+    """
+
+    def add(cls: type[Backend]) -> type[Backend]:
+        renamed = {k: v for c in reversed(cls.__mro__) for k, v in vars(c).get("renamed", {}).items()}
+        if renamed and not getattr(cls.__init__, "_pbnn_renames", False):
+            init = cls.__init__
+
+            @functools.wraps(init)
+            def __init__(self, *args, **kwargs):
+                for old, new in renamed.items():
+                    if old in kwargs:
+                        if new in kwargs:
+                            raise ValueError(f"pass {new}= only ({old}= is its former name)")
+                        warnings.warn(
+                            f"{cls.__name__}: option {old}= is now {new}=; the old name will be removed "
+                            "in the next release",
+                            DeprecationWarning,
+                            stacklevel=2,
+                        )
+                        kwargs[new] = kwargs.pop(old)
+                init(self, *args, **kwargs)
+
+            __init__._pbnn_renames = True
+            cls.__init__ = __init__
+        cls.name = name
+        BACKENDS[name] = cls
+        return cls
+
+    return add if cls is None else add(cls)
+
+
+def backend_options(cls: type[Backend]) -> list[str]:
+    """The option names a backend class accepts (declared fields, or ``__init__``'s parameters)."""
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+    import inspect
+
+    return [p for p in inspect.signature(cls).parameters]
 
 
 def make_backend(method, **options) -> Backend:
@@ -49,35 +239,10 @@ def make_backend(method, **options) -> Backend:
     if not isinstance(method, str) or method.lower() not in BACKENDS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(BACKENDS))}")
     cls = BACKENDS[method.lower()]
-    try:
-        inspect.signature(cls).bind(**options)
-    except TypeError as e:
-        params = [p for p in inspect.signature(cls).parameters]
-        raise ValueError(f"bad option for method {method!r}: {e}; its options are {params}") from None
+    known = backend_options(cls)
+    renamed = {k for c in cls.__mro__ for k in vars(c).get("renamed", {})}
+    unknown = sorted(set(options) - set(known) - renamed)
+    if unknown:
+        raise ValueError(f"bad option for method {method!r}: unknown option(s) {unknown}; its options are {known}")
     return cls(**options)
 
-
-def accepts_subsample(model) -> bool:
-    """Whether a Pyro model takes the ``subsample=`` keyword pbnn uses for minibatches."""
-    try:
-        return "subsample" in inspect.signature(model).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def check_nonneg_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
-
-
-def check_positive(name: str, value) -> float:
-    if not isinstance(value, (int, float)) or not value > 0 or not torch.isfinite(torch.tensor(float(value))):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)

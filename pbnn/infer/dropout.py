@@ -38,15 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pbnn.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int
-from pbnn.likelihoods import Gaussian
-from pbnn.model import BNN
-from pbnn.pointfit import decaying_lr, initial_points, map_log_joint, require_bnn, train_points
-from pbnn.posterior import Posterior
-from pbnn.potential import Potential
-from pbnn.priors import Normal
-from pbnn.training import resolve_batch_size, seeded
+from pbnn.core.data import Data
+from pbnn.infer.base import Backend, check_positive, check_positive_int, register
+from pbnn.core.likelihoods import Gaussian
+from pbnn.core.model import BNN
+from pbnn.engine.pointfit import decaying_lr, initial_points, map_log_joint, require_bnn, train_points
+from pbnn.posterior.posterior import Posterior
+from pbnn.core.potential import Potential
+from pbnn.core.priors import Normal
+from pbnn.engine.training import resolve_batch_size, seeded
 
 __all__ = ["MCDropout", "DropConnect", "dropout_targets", "weight_decay"]
 
@@ -122,6 +122,7 @@ def _check_p(p) -> float | None:
     return float(p)
 
 
+@register("mc-dropout")
 class MCDropout(Backend):
     """MC dropout: train with dropout and the prior's weight decay, keep dropout on at prediction.
 
@@ -260,6 +261,7 @@ def _input_dropout(p: float):
     return hook
 
 
+@register("dropconnect")
 class DropConnect(MCDropout):
     """DropConnect: Bernoulli masks on the individual weights of the target layers.
 

@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import torch
 
-from pbnn import distributed
-from pbnn.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int
-from pbnn.pointfit import decaying_lr, initial_points, predict_params, require_bnn, train_points
-from pbnn.posterior import Posterior
-from pbnn.potential import Potential
-from pbnn.training import resolve_batch_size, seeded
+from pbnn.engine import distributed
+from pbnn.core.data import Data
+from pbnn.infer.base import Backend, check_positive, check_positive_int, register
+from pbnn.engine.pointfit import decaying_lr, initial_points, predict_params, require_bnn, train_points
+from pbnn.posterior.posterior import Posterior
+from pbnn.core.potential import Potential
+from pbnn.engine.training import resolve_batch_size, seeded
 
 __all__ = ["DeepEnsemble"]
 
 
+@register("ensemble")
 class DeepEnsemble(Backend):
     """An ensemble of independently initialised MAP fits; each member is one draw (chain = member).
 

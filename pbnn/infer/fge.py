@@ -26,12 +26,12 @@ import math
 
 import torch
 
-from pbnn.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int
-from pbnn.pointfit import decaying_lr, has_batchnorm, initial_points, predict_bn_refresh, require_bnn, train_points
-from pbnn.posterior import Posterior
-from pbnn.potential import Potential
-from pbnn.training import resolve_batch_size, seeded
+from pbnn.core.data import Data
+from pbnn.infer.base import Backend, check_positive, check_positive_int, register
+from pbnn.engine.pointfit import decaying_lr, has_batchnorm, initial_points, predict_bn_refresh, require_bnn, train_points
+from pbnn.posterior.posterior import Posterior
+from pbnn.core.potential import Potential
+from pbnn.engine.training import resolve_batch_size, seeded
 
 __all__ = ["FGE", "fge_lr"]
 
@@ -49,6 +49,7 @@ def fge_lr(step: int, cycle_length: int, lr_max: float, lr_min: float) -> float:
     return (2.0 * t - 1.0) * lr_max + (2.0 - 2.0 * t) * lr_min
 
 
+@register("fge")
 class FGE(Backend):
     """Snapshots of SGD with a triangular cyclical learning rate around a pretrained MAP.
 

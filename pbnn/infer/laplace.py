@@ -40,9 +40,9 @@ from pyro.ops.hessian import hessian as pyro_hessian
 from torch.distributions import Independent, MultivariateNormal, Normal
 from torch.distributions.transforms import identity_transform
 
-from pbnn import likelihoods as _lik
-from pbnn.approx import FlatApproximation
-from pbnn.curvature import (
+from pbnn.core import likelihoods as _lik
+from pbnn.posterior.approx import FlatApproximation
+from pbnn.infer.curvature import (
     KroneckerApproximation,
     check_likelihood,
     flatten,
@@ -52,13 +52,13 @@ from pbnn.curvature import (
     linear_layers,
     output_jacobian,
 )
-from pbnn.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int
-from pbnn.model import BNN
-from pbnn.posterior import Posterior
-from pbnn.potential import Potential
-from pbnn.predictive import Prediction, predict_bnn
-from pbnn.training import resolve_batch_size, run_adam, seeded
+from pbnn.core.data import Data
+from pbnn.infer.base import Backend, check_positive, check_positive_int, register
+from pbnn.core.model import BNN
+from pbnn.posterior.posterior import Posterior
+from pbnn.core.potential import Potential
+from pbnn.posterior.predictive import Prediction, predict_bnn
+from pbnn.engine.training import resolve_batch_size, run_adam, seeded
 
 __all__ = ["Laplace", "LaplacePredictor", "GLMPrediction", "FULL_HESSIAN_LIMIT", "DENSE_LIMIT"]
 
@@ -72,6 +72,7 @@ FULL_HESSIAN_LIMIT = 1000
 DENSE_LIMIT = 5000
 
 
+@register("laplace")
 class Laplace(Backend):
     """Laplace approximation at the MAP with GGN / KFAC / diagonal / exact-Hessian curvature.
 

@@ -14,17 +14,18 @@ from __future__ import annotations
 import pyro
 from pyro.infer import autoguide
 
-from pbnn.data import Data
-from pbnn.distributed import broadcast_seed, is_active
-from pbnn.infer.base import Backend, accepts_subsample, check_positive, check_positive_int
-from pbnn.model import BNN
-from pbnn.posterior import Posterior
-from pbnn.potential import Potential
-from pbnn.training import fitted_params, resolve_batch_size, run_adam, run_svi, seeded
+from pbnn.core.data import Data
+from pbnn.engine.distributed import broadcast_seed, is_active
+from pbnn.infer.base import accepts_subsample, Backend, check_positive, check_positive_int, register
+from pbnn.core.model import BNN
+from pbnn.posterior.posterior import Posterior
+from pbnn.core.potential import Potential
+from pbnn.engine.training import fitted_params, resolve_batch_size, run_adam, run_svi, seeded
 
 __all__ = ["MAP"]
 
 
+@register("map")
 class MAP(Backend):
     """Maximum a posteriori weights (Adam on the negative log joint); a one-draw Posterior.
 

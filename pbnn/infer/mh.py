@@ -28,13 +28,13 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pbnn import distributed, mcmc
-from pbnn.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int
-from pbnn.model import BNN
-from pbnn.posterior import Posterior
-from pbnn.potential import Potential
-from pbnn.training import seeded
+from pbnn.engine import distributed, mcmc
+from pbnn.core.data import Data
+from pbnn.infer.base import Backend, check_positive, check_positive_int, register
+from pbnn.core.model import BNN
+from pbnn.posterior.posterior import Posterior
+from pbnn.core.potential import Potential
+from pbnn.engine.training import seeded
 
 __all__ = ["MH", "rw_metropolis"]
 
@@ -113,6 +113,7 @@ def rw_metropolis(
     return draws, {"acceptance_rate": acc_rate, "lp": lps}, log_s.exp()
 
 
+@register("mh")
 class MH(Backend):
     """Random-walk Metropolis-Hastings with scale adaptation during warm-up.
 

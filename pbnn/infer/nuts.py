@@ -1,6 +1,6 @@
 """NUTS and HMC: full-batch Hamiltonian Monte Carlo, several chains, diagnosed.
 
-For a :class:`pbnn.BNN` both run pbnn's own sampler (:mod:`pbnn.mcmc`) on the model's
+For a :class:`pbnn.BNN` both run pbnn's own sampler (:mod:`pbnn.engine.mcmc`) on the model's
 functional potential (:class:`pbnn.potential.Potential`): the Pyro model is never traced
 per leapfrog step, and all chains step together through one vectorised gradient. For a
 hand-written Pyro model they run Pyro's ``NUTS`` / ``HMC`` kernels through ``pyro.infer.MCMC``.
@@ -22,13 +22,13 @@ import time
 import pyro
 import torch
 
-from pbnn import distributed, mcmc
-from pbnn.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int
-from pbnn.model import BNN
-from pbnn.posterior import Posterior
-from pbnn.potential import Potential
-from pbnn.training import seeded
+from pbnn.engine import distributed, mcmc
+from pbnn.core.data import Data
+from pbnn.infer.base import Backend, check_positive, check_positive_int, register
+from pbnn.core.model import BNN
+from pbnn.posterior.posterior import Posterior
+from pbnn.core.potential import Potential
+from pbnn.engine.training import seeded
 
 __all__ = ["NUTS", "HMC"]
 
@@ -127,6 +127,7 @@ class _HamiltonianBackend(Backend):
         return samples, result.stats, fixed, info
 
 
+@register("nuts")
 class NUTS(_HamiltonianBackend):
     """The No-U-Turn sampler (Hoffman & Gelman 2014, in Stan's multinomial form).
 
@@ -147,9 +148,9 @@ class NUTS(_HamiltonianBackend):
         progress: tqdm bar with each chain's step size and divergence count.
         warn: after the fit, warn when R-hat > 1.01, bulk ESS is low or transitions diverged.
         batch_size: must stay None: NUTS is full-batch (see ``method="sgld"`` / ``"sghmc"``).
-        compile: ``torch.compile`` the gradient of the potential (:func:`pbnn.mcmc.value_and_grad`):
+        compile: ``torch.compile`` the gradient of the potential (:func:`pbnn.engine.mcmc.value_and_grad`):
             ``True``, ``False`` or ``"auto"`` (compile runs of at least
-            ``pbnn.mcmc.COMPILE_MIN_ITERATIONS`` iterations, where the ~10 s of compilation
+            ``pbnn.engine.mcmc.COMPILE_MIN_ITERATIONS`` iterations, where the ~10 s of compilation
             is repaid many times over).
 
     Example:
@@ -193,6 +194,7 @@ class NUTS(_HamiltonianBackend):
         return PyroNUTS(model, target_accept_prob=self.target_accept, max_tree_depth=self.max_tree_depth)
 
 
+@register("hmc")
 class HMC(_HamiltonianBackend):
     """Hamiltonian Monte Carlo with a fixed number of leapfrog steps per draw.
 

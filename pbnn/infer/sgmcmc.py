@@ -1,8 +1,8 @@
 """Stochastic-gradient MCMC backends: SGLD, SGHMC, pSGLD and cyclical SGLD / SGHMC.
 
-Each backend runs one of the Pyro ``MCMCKernel`` drivers of :mod:`pbnn.sgmcmc` under
+Each backend runs one of the Pyro ``MCMCKernel`` drivers of :mod:`pbnn.engine.sgmcmc` under
 ``pyro.infer.MCMC`` (one run per chain) and collects the draws into a Posterior. The
-update rules and schedules live in :mod:`pbnn.sgmcmc`; see ``docs/sgmcmc.md``.
+update rules and schedules live in :mod:`pbnn.engine.sgmcmc`; see ``docs/sgmcmc.md``.
 
 Step size convention: ``step_size`` is the learning rate on the mean loss per data point
 (the form of the cyclical SG-MCMC reference code), so the Langevin step of Welling & Teh
@@ -25,12 +25,12 @@ import math
 import pyro
 import torch
 
-from pbnn import distributed, mcmc
-from pbnn.data import Data
-from pbnn.infer.base import Backend, check_nonneg_int, check_positive, check_positive_int
-from pbnn.model import BNN
-from pbnn.posterior import Posterior
-from pbnn.sgmcmc import (
+from pbnn.engine import distributed, mcmc
+from pbnn.core.data import Data
+from pbnn.infer.base import Backend, check_nonneg_int, check_positive, check_positive_int, register
+from pbnn.core.model import BNN
+from pbnn.posterior.posterior import Posterior
+from pbnn.engine.sgmcmc import (
     CyclicalSGHMCKernel,
     CyclicalSGLDKernel,
     PSGLDKernel,
@@ -40,7 +40,7 @@ from pbnn.sgmcmc import (
     is_exploration,
     map_warm_start,
 )
-from pbnn.training import seeded
+from pbnn.engine.training import seeded
 
 __all__ = ["SGLD", "SGHMC", "PSGLD", "CyclicalSGLD", "CyclicalSGHMC"]
 
@@ -147,6 +147,7 @@ class _SGMCMC(Backend):
         )
 
 
+@register("sgld")
 class SGLD(_SGMCMC):
     """Stochastic-gradient Langevin dynamics (Welling & Teh 2011) on minibatches.
 
@@ -172,7 +173,7 @@ class SGLD(_SGMCMC):
         thinning: gradient steps per kept draw (and per warm-up transition).
         temperature: T multiplies the noise variance; T = 1 is the Bayes posterior, T < 1
             a cold posterior (never the default).
-        compile: ``torch.compile`` the minibatch gradient (:class:`pbnn.mcmc.Target`): ``True``,
+        compile: ``torch.compile`` the minibatch gradient (:class:`pbnn.engine.mcmc.Target`): ``True``,
             ``False`` or ``"auto"`` (runs of at least ``COMPILE_MIN_STEPS`` = 100,000 gradient
             steps over all chains, where the ~10 s of compilation pays off).
         schedule: ``"constant"`` or ``"polynomial"``: ``a (b + t)^-gamma`` with
@@ -181,7 +182,7 @@ class SGLD(_SGMCMC):
         progress: show Pyro's progress bar.
         init: ``"net"`` (default: each chain starts at its own initialisation, see
             ``num_chains``) or ``"map"``: from there, ``map_steps`` of Adam on the same target
-            and minibatches first (:func:`pbnn.sgmcmc.map_warm_start`: a BNN's weights only,
+            and minibatches first (:func:`pbnn.engine.sgmcmc.map_warm_start`: a BNN's weights only,
             its noise scale stays at the prior median), so the chain starts near a mode and
             burn-in is short; ``"auto"``: ``"map"`` for a BNN without a learned noise scale
             (classification, fixed-noise regression), ``"net"`` otherwise.
@@ -237,6 +238,7 @@ class SGLD(_SGMCMC):
         return self.kernel_class(model, self.step_size, **self._common(seed))
 
 
+@register("sghmc")
 class SGHMC(SGLD):
     """Stochastic-gradient HMC (Chen, Fox & Guestrin 2014), in the cSGHMC form:
     ``m <- (1 - a) m - lr * grad L + sqrt(2 * lr * a * T / N) * xi``, ``theta <- theta + m``.
@@ -289,6 +291,7 @@ class SGHMC(SGLD):
         return SGHMCKernel(model, self.step_size, friction=self.friction, **self._common(seed))
 
 
+@register("psgld")
 class PSGLD(SGLD):
     """Preconditioned SGLD (Li, Chen, Carlson & Carin 2016): RMSprop's diagonal
     preconditioner ``G = 1 / (eps + sqrt(V))`` scales drift and noise per weight.
@@ -374,6 +377,7 @@ class _CyclicalMixin:
             raise ValueError(f"num_samples + warmup must be >= num_cycles ({self.num_cycles}) to keep a draw per cycle")
 
 
+@register("csgld")
 class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
     """Cyclical SGLD (Zhang, Li, Zhang, Chen & Wilson, ICLR 2020): a cosine step size
     restarted ``num_cycles`` times; each cycle first explores (plain gradient steps, no
@@ -393,7 +397,7 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
             a cycle restart.
         warmup: transitions discarded (default 0: each exploration stage is the burn-in).
         init: default ``"auto"``: a MAP warm start of the weights (``map_steps`` Adam steps,
-            :func:`pbnn.sgmcmc.map_warm_start`) before the first cycle for a BNN without a
+            :func:`pbnn.engine.sgmcmc.map_warm_start`) before the first cycle for a BNN without a
             learned noise scale (classification, fixed-noise regression); otherwise the
             network's initialisation (``"net"``; a Pyro model: its prior median). From the
             initialisation the noise-free exploration stages, SGD at an average rate
@@ -445,6 +449,7 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
         return CyclicalSGLDKernel(model, self.step_size, **self._cyclical_kwargs(), **self._common(seed))
 
 
+@register("csghmc")
 class CyclicalSGHMC(_CyclicalMixin, _SGMCMC):
     """Cyclical SGHMC (Zhang et al. 2020): :class:`CyclicalSGLD`'s schedule with SGHMC's
     momentum update; in the exploration stage it is SGD with momentum ``1 - friction``.

@@ -22,16 +22,16 @@ from torch.distributions import (
     biject_to,
 )
 
-from pbnn.approx import FlatApproximation
-from pbnn.data import Data
-from pbnn.distributed import broadcast_seed, is_active
-from pbnn.infer.base import Backend, accepts_subsample, check_positive, check_positive_int
-from pbnn.model import BNN
-from pbnn.posterior import Posterior
-from pbnn.potential import Potential
-from pbnn.reparam import ESTIMATORS
-from pbnn.reparam import negative_elbo as local_negative_elbo
-from pbnn.training import fitted_params, resolve_batch_size, run_adam, run_svi, seeded
+from pbnn.posterior.approx import FlatApproximation
+from pbnn.core.data import Data
+from pbnn.engine.distributed import broadcast_seed, is_active
+from pbnn.infer.base import accepts_subsample, Backend, check_positive, check_positive_int, register
+from pbnn.core.model import BNN
+from pbnn.posterior.posterior import Posterior
+from pbnn.core.potential import Potential
+from pbnn.infer.reparam import ESTIMATORS
+from pbnn.infer.reparam import negative_elbo as local_negative_elbo
+from pbnn.engine.training import fitted_params, resolve_batch_size, run_adam, run_svi, seeded
 
 __all__ = ["SVI"]
 
@@ -64,6 +64,7 @@ def flat_approximation(guide) -> FlatApproximation:
     return FlatApproximation(_detached_posterior(guide), sites)
 
 
+@register("svi")
 class SVI(Backend):
     """Variational inference: maximise the ELBO of a Gaussian guide with Adam.
 

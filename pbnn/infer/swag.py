@@ -21,7 +21,7 @@ scale ``sigma`` is part of the weights (as ``log sigma``) and of every draw.
   ``torchrun`` the members are spread over the ranks and gathered (:mod:`pbnn.distributed`).
 
 With BatchNorm in the net, each draw's BatchNorm statistics are recomputed on the
-training inputs at prediction time (:func:`pbnn.pointfit.predict_bn_refresh`).
+training inputs at prediction time (:func:`pbnn.engine.pointfit.predict_bn_refresh`).
 
 Example:
     >>> import torch, pbnn
@@ -40,11 +40,11 @@ import math
 import torch
 from torch.distributions import Distribution, constraints
 
-from pbnn import distributed
-from pbnn.approx import FlatApproximation
-from pbnn.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int
-from pbnn.pointfit import (
+from pbnn.engine import distributed
+from pbnn.posterior.approx import FlatApproximation
+from pbnn.core.data import Data
+from pbnn.infer.base import Backend, check_positive, check_positive_int, register
+from pbnn.engine.pointfit import (
     decaying_lr,
     has_batchnorm,
     initial_points,
@@ -53,9 +53,9 @@ from pbnn.pointfit import (
     require_bnn,
     train_points,
 )
-from pbnn.posterior import Posterior
-from pbnn.potential import Potential
-from pbnn.training import resolve_batch_size, seeded
+from pbnn.posterior.posterior import Posterior
+from pbnn.core.potential import Potential
+from pbnn.engine.training import resolve_batch_size, seeded
 
 __all__ = ["SWA", "SWAG", "MultiSWAG", "SwagMoments", "SWAGNormal", "swag_batch_size"]
 
@@ -158,6 +158,7 @@ def swag_batch_size(batch_size: int | None, n: int) -> int | None:
     return resolve_batch_size(batch_size, n)
 
 
+@register("swag")
 class SWAG(Backend):
     """SWA-Gaussian: mean, diagonal and low-rank covariance of constant-learning-rate SGD iterates.
 
@@ -321,6 +322,7 @@ class SWAG(Backend):
             return self._posterior(model, data, potential, moments, fixed, info, self.num_samples)
 
 
+@register("swa")
 class SWA(SWAG):
     """Stochastic weight averaging (Izmailov et al. 2018): the mean of the SGD iterates, one draw.
 
@@ -336,6 +338,7 @@ class SWA(SWAG):
     _mean_only = True
 
 
+@register("multiswag")
 class MultiSWAG(SWAG):
     """An ensemble of ``num_members`` independent SWAG runs (Wilson and Izmailov 2020).
 

@@ -11,7 +11,7 @@ points, KFAC's per-layer factors from autograd with forward hooks on ``nn.Linear
 
 Example:
     >>> import torch, pbnn
-    >>> from pbnn.curvature import ggn_full
+    >>> from pbnn.infer.curvature import ggn_full
     >>> model = pbnn.BNN(torch.nn.Linear(2, 1), likelihood=pbnn.likelihoods.Gaussian(0.5))
     >>> x = torch.randn(10, 2)
     >>> G = ggn_full(model, ["weight", "bias"], model.parameter_values(), x, {})
@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from pbnn import likelihoods as _lik
+from pbnn.core import likelihoods as _lik
 
 __all__ = [
     "loss_hessian_sqrt",
@@ -236,7 +236,7 @@ class KroneckerApproximation:
 
     Example:
         >>> import torch
-        >>> from pbnn.curvature import KroneckerApproximation
+        >>> from pbnn.infer.curvature import KroneckerApproximation
         >>> q = KroneckerApproximation([("", "weight", "bias")], {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)},
         ...                            {"": (torch.eye(1), torch.eye(3))}, {"": 1.0})
         >>> {k: tuple(v.shape) for k, v in q.sample(4, seed=0).items()}

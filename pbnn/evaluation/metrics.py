@@ -24,7 +24,7 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 
-from pbnn.predictive import Prediction, _base
+from pbnn.posterior.predictive import Prediction, _base
 
 __all__ = [
     # regression
@@ -282,7 +282,7 @@ def crps(pred: Prediction, y: torch.Tensor, num_samples: int = 1000, seed: int |
         >>> round(pbnn.metrics.crps(pred, torch.zeros(1), num_samples=20000), 2)   # (sqrt 2 - 1)/sqrt pi
         0.23
     """
-    from pbnn.training import seeded
+    from pbnn.engine.training import seeded
 
     pred = _regression(pred, "crps")
     y = _targets(pred, y)
@@ -523,7 +523,7 @@ def ood_auroc(in_dist, out_dist, score: str = "entropy") -> float:
 
 # =============================================================================== fidelity
 def _prediction(p, x, num_samples, what):
-    from pbnn.posterior import Posterior
+    from pbnn.posterior.posterior import Posterior
 
     if isinstance(p, Posterior):
         if x is None:

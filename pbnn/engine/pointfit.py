@@ -12,7 +12,7 @@ what the optimiser visits. This module is the one small trainer they share:
   (``z`` of shape ``[M, D]``; the optimisers act elementwise and the clipping is per
   point, so this equals ``M`` separate runs, one after the other), with a learning-rate schedule, a
   per-point gradient-norm clip, minibatches and gradient accumulation over ``accumulate``
-  minibatches, a tqdm bar through :func:`pbnn.training.optimise`, and a callback after
+  minibatches, a tqdm bar through :func:`pbnn.engine.training.optimise`, and a callback after
   each step (SWAG moments, FGE snapshots);
 * :func:`initial_points` - ``M`` starting points from the modules' own
   ``reset_parameters`` under different seeds (independent initialisations);
@@ -21,7 +21,7 @@ what the optimiser visits. This module is the one small trainer they share:
 
 Example:
     >>> import torch, pbnn
-    >>> from pbnn.pointfit import initial_points, train_points
+    >>> from pbnn.engine.pointfit import initial_points, train_points
     >>> x = torch.randn(30, 1); y = 2 * x[:, 0]
     >>> model = pbnn.BNN(torch.nn.Linear(1, 1), likelihood=pbnn.likelihoods.Gaussian(0.1))
     >>> pot = pbnn.potential.Potential(model, pbnn.data.validate(model, x, y))
@@ -40,10 +40,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from pbnn.model import BNN
-from pbnn.potential import Potential
-from pbnn.predictive import Prediction, chunked_vmap, default_chunk_size
-from pbnn.training import optimise, seeded
+from pbnn.core.model import BNN
+from pbnn.core.potential import Potential
+from pbnn.posterior.predictive import Prediction, chunked_vmap, default_chunk_size
+from pbnn.engine.training import optimise, seeded
 
 __all__ = [
     "map_log_joint",

@@ -6,7 +6,7 @@ benchmark-only dependency).
 
 Example:
     >>> import numpy as np
-    >>> from pbnn.bench import regression_protocol
+    >>> from pbnn.apps.bench import regression_protocol
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(60, 3)); y = X @ np.array([1.0, -1.0, 0.5]) + 0.1 * rng.normal(size=60)
     >>> res = regression_protocol(X, y, "map", n_splits=2, num_steps=200, progress=False)
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 import pbnn
-from pbnn.data import as_tensor
-from pbnn.datasets import gap_regression
+from pbnn.core.data import as_tensor
+from pbnn.core.datasets import gap_regression
 from pbnn.infer.base import check_positive_int
 
 __all__ = ["regression_protocol", "TASKS", "run_task", "run_jobs", "QUICK_OPTIONS", "DEFAULT_METHODS"]
@@ -280,7 +280,7 @@ def usable_cpus() -> int:
     """CPU cores this process may run on (the affinity mask where the OS has one).
 
     Example:
-        >>> from pbnn.bench import usable_cpus
+        >>> from pbnn.apps.bench import usable_cpus
         >>> usable_cpus() >= 1
         True
     """
@@ -302,7 +302,7 @@ def run_jobs(
     that is stopped keeps what it finished. Rows come back in the order of ``jobs``.
 
     Example:
-        >>> from pbnn.bench import run_jobs
+        >>> from pbnn.apps.bench import run_jobs
         >>> rows = run_jobs([("gap", "map", 0)], {"map": {"num_steps": 50, "progress": False}}, progress=False)
         >>> rows[0]["task"], rows[0]["method"], rows[0]["seed"]
         ('gap', 'map', 0)

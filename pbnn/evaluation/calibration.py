@@ -38,8 +38,8 @@ import math
 import pyro.distributions as dist
 import torch
 
-from pbnn.metrics import _labels, _regression, _targets
-from pbnn.predictive import Prediction, _base
+from pbnn.evaluation.metrics import _labels, _regression, _targets
+from pbnn.posterior.predictive import Prediction, _base
 
 __all__ = ["TemperatureScaling", "VectorScaling", "VarianceScaling"]
 

@@ -1,6 +1,6 @@
 """The README's demo: SVI and Laplace vs MAP on 1-D regression with a gap in the inputs.
 
-Run ``bash scripts/demo.sh`` (or ``python -m pbnn.demo --out DIR``). It prints the ELBO
+Run ``bash scripts/demo.sh`` (or ``python -m pbnn.apps.demo --out DIR``). It prints the ELBO
 progress, a table of test RMSE / NLL / CRPS / 90%-interval coverage / PIT calibration
 error per method, and writes an ArviZ forest plot, the predictive bands and the
 regression calibration curves (PNG) to the output folder.
@@ -20,8 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import pbnn  # noqa: E402
-import pbnn.plots  # noqa: E402
-from pbnn.datasets import gap_regression  # noqa: E402
+import pbnn.evaluation.plots  # noqa: E402
+from pbnn.core.datasets import gap_regression  # noqa: E402
 
 # Baseline, approximation and imitation rows; every other backend is one --methods away.
 DEMO_METHODS = "map,svi,laplace,ensemble,swag,fge,mc-dropout"

@@ -51,7 +51,7 @@ def validate(model, x, y) -> Data:
     y = as_tensor(y, "y")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y have different numbers of rows: len(x) = {x.shape[0]}, len(y) = {y.shape[0]}")
-    from pbnn.model import BNN  # local: data checks sit below the model in the import graph
+    from pbnn.core.model import BNN  # local: data checks sit below the model in the import graph
 
     if isinstance(model, BNN):
         try:

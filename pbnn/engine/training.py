@@ -6,7 +6,7 @@ clear error when the loss becomes NaN.
 
 Example:
     >>> import torch
-    >>> from pbnn.training import batch_indices
+    >>> from pbnn.engine.training import batch_indices
     >>> it = batch_indices(10, 4, torch.Generator().manual_seed(0))
     >>> [len(next(it)) for _ in range(4)]
     [4, 4, 2, 4]
@@ -189,7 +189,7 @@ def run_adam(
       an existing checkpoint resumes from it and ends in the same state as an
       uninterrupted run.
     """
-    from pbnn import distributed
+    from pbnn.engine import distributed
 
     if not isinstance(accumulate, int) or accumulate < 1:
         raise ValueError(f"accumulate must be a positive integer, got {accumulate!r}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from pbnn import metrics
+from pbnn.evaluation import metrics
 
 __all__ = ["reliability_diagram", "calibration_curve"]
 
@@ -53,7 +53,7 @@ def reliability_diagram(
         path: save the figure as a PNG here.
 
     Example:
-        >>> import pbnn.plots
+        >>> import pbnn.evaluation.plots
         >>> fig = pbnn.plots.reliability_diagram([[0.9, 0.1]] * 4, [0, 0, 0, 1], num_bins=5)
         >>> round(float(fig.axes[0].patches[0].get_height()), 2)   # accuracy in the 0.8-1 bin
         0.75

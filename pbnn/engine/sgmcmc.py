@@ -26,7 +26,7 @@ steps; for the cyclical kernels it runs to the next collection point of a sampli
 
 Example:
     >>> import torch, pyro, pbnn
-    >>> from pbnn.sgmcmc import SGLDKernel
+    >>> from pbnn.engine.sgmcmc import SGLDKernel
     >>> x = torch.randn(100, 1); y = 2 * x[:, 0] + 0.1 * torch.randn(100)
     >>> model = pbnn.BNN(torch.nn.Linear(1, 1), likelihood=pbnn.likelihoods.Gaussian(0.1))
     >>> kernel = SGLDKernel(model, step_size=1e-3, seed=0)
@@ -48,12 +48,12 @@ from pyro import poutine
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from pyro.infer.mcmc.util import initialize_model
 
-from pbnn import distributed
-from pbnn.data import Data, validate
-from pbnn.mcmc import Target
-from pbnn.model import BNN
-from pbnn.potential import Potential
-from pbnn.training import batch_indices, resolve_batch_size, run_adam
+from pbnn.engine import distributed
+from pbnn.core.data import Data, validate
+from pbnn.engine.mcmc import Target
+from pbnn.core.model import BNN
+from pbnn.core.potential import Potential
+from pbnn.engine.training import batch_indices, resolve_batch_size, run_adam
 
 __all__ = [
     "sgld_step",
@@ -316,7 +316,7 @@ def map_warm_start(
     """Adam on the sampler's own target from ``params`` (unconstrained): ``init="map"``.
 
     The loss is the minibatch log joint in the unconstrained space (the density the
-    kernels sample, likelihood scaled by ``N / B``), with :func:`pbnn.training.run_adam`'s
+    kernels sample, likelihood scaled by ``N / B``), with :func:`pbnn.engine.training.run_adam`'s
     schedule (lr decaying 10x). For a :class:`pbnn.BNN` only the network's weights move: the
     noise scale and prior hyper-parameters stay at their starting values, because their
     joint mode is degenerate (a learned noise scale collapses onto the training residuals of
@@ -378,7 +378,7 @@ class SGMCMCKernel(MCMCKernel):
         decay_b, decay_gamma: ``b`` and ``gamma`` of the polynomial schedule.
         seed: seed of the kernel's own generator (noise and minibatches).
         compile: ``torch.compile`` the minibatch gradient of a :class:`pbnn.BNN`'s potential
-            (see :class:`pbnn.mcmc.Target`): about ten seconds once, then a fraction of the
+            (see :class:`pbnn.engine.mcmc.Target`): about ten seconds once, then a fraction of the
             eager per-step overhead. Worth it for long runs; ignored for Pyro models.
     """
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from pbnn.approx import FlatApproximation
-from pbnn.data import Data, as_tensor
-from pbnn.model import BNN
-from pbnn.predictive import Prediction, predict_bnn, predict_pyro
+from pbnn.posterior.approx import FlatApproximation
+from pbnn.core.data import Data, as_tensor
+from pbnn.core.model import BNN
+from pbnn.posterior.predictive import Prediction, predict_bnn, predict_pyro
 
 __all__ = ["Posterior"]
 
@@ -148,7 +148,7 @@ class Posterior:
     # ------------------------------------------------------------------ ArviZ
     def to_arviz(self):
         """ArviZ ``InferenceData`` with posterior, sample_stats, observed_data and log_likelihood."""
-        from pbnn.arviz_io import to_inference_data
+        from pbnn.posterior.arviz_io import to_inference_data
 
         return to_inference_data(self)
 

@@ -22,7 +22,7 @@ whole weight samples (plain reparameterisation).
 
 Example:
     >>> import torch
-    >>> from pbnn.reparam import perturbed
+    >>> from pbnn.infer.reparam import perturbed
     >>> layer = torch.nn.Linear(3, 2)
     >>> x = torch.ones(2, 3)  # two identical inputs
     >>> with perturbed(layer, "local_reparam", {"weight": torch.ones(2, 3)}):

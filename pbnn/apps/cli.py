@@ -1,7 +1,7 @@
 """The ``pbnn`` command line: ``pbnn bench`` and ``pbnn demo``.
 
 Example:
-    >>> from pbnn.cli import build_parser
+    >>> from pbnn.apps.cli import build_parser
     >>> build_parser().parse_args(["bench", "--task", "gap", "--methods", "map,svi"]).methods
     'map,svi'
 """
@@ -16,7 +16,7 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pbnn.bench import DEFAULT_METHODS, TASKS
+    from pbnn.apps.bench import DEFAULT_METHODS, TASKS
 
     parser = argparse.ArgumentParser(prog="pbnn", description="Bayesian neural networks on Pyro.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_tasks() -> list[str]:
-    from pbnn.bench import SKLEARN_TASKS, TASKS
+    from pbnn.apps.bench import SKLEARN_TASKS, TASKS
 
     try:
         import sklearn  # noqa: F401
@@ -73,7 +73,7 @@ def _default_tasks() -> list[str]:
 
 
 def _bench(args) -> int:
-    from pbnn.bench import (
+    from pbnn.apps.bench import (
         DEFAULT_METHODS,
         QUICK_OPTIONS,
         TASKS,
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return _bench(args)
-    from pbnn import demo
+    from pbnn.apps import demo
 
     demo.main(["--out", args.out])
     return 0

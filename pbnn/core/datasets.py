@@ -1,7 +1,7 @@
 """Small generated data sets (no downloads), shared by the demo, tests and benchmarks.
 
 Example:
-    >>> from pbnn.datasets import gap_regression
+    >>> from pbnn.core.datasets import gap_regression
     >>> d = gap_regression(seed=0)
     >>> d["x_train"].shape, d["x_test"].shape
     (torch.Size([160, 1]), torch.Size([200, 1]))

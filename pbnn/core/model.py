@@ -38,8 +38,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from pbnn import likelihoods as _lik
-from pbnn import priors as _priors
+from pbnn.core import likelihoods as _lik
+from pbnn.core import priors as _priors
 
 __all__ = ["BNN"]
 

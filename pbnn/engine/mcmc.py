@@ -22,7 +22,7 @@ Pieces (each a small function on tensors):
 
 Example:
     >>> import torch
-    >>> from pbnn.mcmc import sample_chains, value_and_grad
+    >>> from pbnn.engine.mcmc import sample_chains, value_and_grad
     >>> target = value_and_grad(lambda z: -0.5 * (z**2).sum(-1))   # standard normal in 2-D
     >>> out = sample_chains("nuts", target, torch.zeros(2, 2), num_samples=100, warmup=50,
     ...                     generator=torch.Generator().manual_seed(0), progress=False)
@@ -764,7 +764,7 @@ def init_chains(
     (plus jitter). Deterministic (non-Bayesian) parameters cannot be sampled: when the model
     has any, they are fitted by the same MAP warm start and then held fixed.
     """
-    from pbnn.training import run_adam
+    from pbnn.engine.training import run_adam
 
     model = potential.model
     base = potential.initial_z()

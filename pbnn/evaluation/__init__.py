@@ -1,0 +1,1 @@
+"""Layer 6, judging a Posterior: metrics, recalibration and plots."""
