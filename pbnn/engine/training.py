@@ -31,6 +31,7 @@ __all__ = [
     "run_adam",
     "run_svi",
     "FULL_BATCH_LIMIT",
+    "fit_map",
 ]
 
 # Data sets up to this size are fitted full-batch by default; larger ones in minibatches.
@@ -288,3 +289,83 @@ def fitted_params(guide_prefix: str) -> dict[str, torch.Tensor]:
 
     store = pyro.get_param_store()
     return {k: store[k].detach().clone() for k in store.keys() if not k.startswith(guide_prefix + ".")}
+
+
+def fit_map(
+    potential,
+    z0: torch.Tensor | None = None,
+    *,
+    num_steps: int,
+    lr: float = 0.01,
+    batch_size: int | None = None,
+    fixed: dict[str, torch.Tensor] | None = None,
+    train_fixed: bool = True,
+    moving: torch.Tensor | None = None,
+    jacobian: bool = False,
+    accumulate: int = 1,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    desc: str = "MAP",
+    progress: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[float]]:
+    """The one MAP fit: Adam on ``-log joint`` of a :class:`pbnn.potential.Potential`.
+
+    Used by the MAP backend and by every warm start (Laplace, NUTS / HMC / MH, SG-MCMC).
+
+    Args:
+        potential: the model's potential.
+        z0: start ``[D]``, or ``[C, D]`` for ``C`` independent points optimised together
+            (each its own log joint; default: ``potential.initial_z()``).
+        num_steps, lr, batch_size: Adam steps, learning rate (decaying 10x over the run)
+            and minibatch size (None: full batch).
+        fixed: point-estimate parameters (default ``potential.fixed``); optimised too
+            when ``train_fixed``.
+        moving: optional boolean mask ``[D]`` of the coordinates of ``z`` that move (the
+            others keep their start values).
+        jacobian: maximise the density of the unconstrained ``z`` (True, what a sampler
+            targets) or of the constrained values (False: the MAP as Pyro's ``AutoDelta``
+            defines it).
+        accumulate, checkpoint_path, checkpoint_every: as :func:`run_adam`.
+
+    Returns:
+        ``(z, fixed, losses)``, detached, ``z`` shaped like ``z0``.
+
+    Example:
+        >>> import torch, pbnn
+        >>> x = torch.randn(40, 1); y = 3 * x[:, 0]
+        >>> model = pbnn.BNN(torch.nn.Linear(1, 1), likelihood=pbnn.likelihoods.Gaussian(0.1))
+        >>> pot = pbnn.potential.Potential(model, pbnn.data.validate(model, x, y))
+        >>> z, _, _ = fit_map(pot, num_steps=500, lr=0.05)
+        >>> round(float(z[0]), 1)
+        3.0
+    """
+    start = potential.initial_z() if z0 is None else z0
+    batched = start.dim() == 2
+    z = start.detach().clone().requires_grad_(True)
+    fixed = {k: v.detach().clone().requires_grad_(train_fixed) for k, v in (potential.fixed if fixed is None else fixed).items()}
+    if moving is not None:
+        keep = ~moving.to(torch.bool)
+        z.register_hook(lambda g: g.masked_fill(keep, 0.0))
+
+    def loss_fn(idx):
+        if batched:
+            return -potential.log_joint_batch(z, idx, fixed).sum()
+        return -potential.log_joint(z, idx, fixed, jacobian=jacobian)
+
+    if batched and not jacobian:
+        raise ValueError("fit_map of several points optimises the unconstrained density: pass jacobian=True")
+    losses = run_adam(
+        [z, *(fixed.values() if train_fixed else ())],
+        loss_fn,
+        num_steps=num_steps,
+        lr=lr,
+        n=len(potential.data) * (start.shape[0] if batched else 1),
+        batch_size=batch_size,
+        desc=desc,
+        progress=progress,
+        loss_name="-log joint/N",
+        accumulate=accumulate,
+        checkpoint_path=checkpoint_path,
+        checkpoint_every=checkpoint_every,
+    )
+    return z.detach(), {k: v.detach() for k, v in fixed.items()}, losses
