@@ -1,20 +1,11 @@
 """Laplace approximation: a Gaussian at the MAP whose precision is the curvature there.
 
-Three independent choices (as in laplace-torch, Daxberger et al. 2021, "Laplace Redux"):
-
-* ``subset``: which weights get the Gaussian (``"all"`` Bayesian weights, the
-  ``"last_layer"``, or ``"auto"``: the last layer for classification, all for regression);
-  the rest, the likelihood noise (e.g. a learned ``sigma``) and prior hyper-parameters stay
-  at their MAP values (in ``Posterior.fixed``);
-* ``hessian``: the curvature: ``"full"`` (exact Hessian via Pyro's
-  ``AutoLaplaceApproximation``, small nets), ``"ggn"`` (full generalised Gauss-Newton),
-  ``"diag"`` (its diagonal) or ``"kfac"`` (Kronecker-factored per ``nn.Linear``);
-* ``predictive``: ``"glm"`` (the network linearised at the MAP, closed-form Gaussian for
-  regression, probit approximation for classification) or ``"nn"`` (run the net at weight
-  draws).
-
-The prior precision is the model's Gaussian prior (``"prior"``), a number, or tuned by
-maximising the Laplace log marginal likelihood (``"marglik"``, scalar or per layer).
+As in laplace-torch (Daxberger et al. 2021, "Laplace Redux"), the weight ``subset`` and the
+curvature structure (``hessian``) are two independent choices, and the ``predictive``
+(linearised GLM or sampled network) a third; the prior precision is the model's prior, a
+number, or tuned by the Laplace marginal likelihood. The Gaussian is a
+:class:`pbnn.approx.Approximation` over the subset's weights (dense / diagonal:
+:class:`~pbnn.approx.FlatApproximation`; KFAC: :class:`~pbnn.approx.KroneckerApproximation`).
 
 Example:
     >>> import torch, pbnn
@@ -33,12 +24,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
-import pyro
-import pyro.distributions as dist
 import torch
-from pyro import poutine
-from pyro.infer.autoguide import AutoLaplaceApproximation, init_to_value
-from pyro.ops.hessian import hessian as pyro_hessian
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from pbnn.core import likelihoods as _lik
@@ -87,8 +73,8 @@ class Laplace(Backend, RunOptions):
     Args:
         hessian: ``"ggn"`` (default: full generalised Gauss-Newton, positive semi-definite by
             construction, D <= 5000), ``"diag"``, ``"kfac"`` (``nn.Linear`` layers only) or
-            ``"full"`` (the exact Hessian of the negative log joint from Pyro's
-            ``AutoLaplaceApproximation``, D <= 1000; often not positive definite for BNNs).
+            ``"full"`` (the exact Hessian of the negative log joint, ``torch.func.hessian`` of the
+            model's potential, D <= 1000; often not positive definite for BNNs).
         subset: ``"auto"`` (default: ``"last_layer"`` for a classification likelihood, ``"all"``
             otherwise), ``"all"`` Bayesian weights or ``"last_layer"`` (the last module with
             parameters). Why ``"auto"``: with a marglik-tuned prior, all-weights Laplace at an
@@ -137,16 +123,14 @@ class Laplace(Backend, RunOptions):
             check_likelihood(model.likelihood)
         subset, names = self._subset_names(model)
         self._check_dim(sum(size for n, size in zip(potential.names, potential.sizes) if n in names))
-        values, fixed_det, losses = self._fit_map(potential)
-        noise = {n: values[n] for n in model.noise_sites(potential.out_dim)}
-        params = {**fixed_det, **{n: values[n] for n in model.bayesian_names}}
+        z, fixed_det, losses = self._fit_map(potential)
+        values = potential.layout.constrain(z)
         layout = weight_layout(values, names)  # the Gaussian's z: the subset's weights
         theta = layout.join(values).detach().double()
         prior_mean, model_prec = _gaussian_prior(model, values, names)
-        data = potential.data
-        curv, hessian, note = self._curvature(model, data, values, fixed_det, params, noise, names, model_prec)
+        curv, hessian, note = self._curvature(potential, z, fixed_det, layout, model_prec)
         labels, index = self._groups(layout)
-        log_lik = float(model.log_likelihood(values, data.x, data.y, fixed_det).sum())
+        log_lik = float(model.log_likelihood(values, potential.data.x, potential.data.y, fixed_det).sum())
         dev2 = (theta - prior_mean) ** 2 if prior_mean is not None else None
         prec, lml_fn = self._prior_precision(curv, layout, index, theta, dev2, model_prec, log_lik)
         approx = _approximation(curv, prec, theta, layout, values)
@@ -213,22 +197,23 @@ class Laplace(Backend, RunOptions):
         if self.refine and batch is None:
             params = [z.requires_grad_(True), *(v.requires_grad_(True) for v in fixed.values())]
             _lbfgs_polish(params, lambda: -potential.log_joint(z, None, fixed, jacobian=False))
-        values, _ = potential.unpack(z.detach())
-        return values, {k: v.detach() for k, v in fixed.items()}, losses
+        return z.detach(), {k: v.detach() for k, v in fixed.items()}, losses
 
-    def _curvature(self, model, data, values, fixed_det, params, noise, names, model_prec):
+    def _curvature(self, potential: Potential, z: torch.Tensor, fixed: dict, layout: SiteLayout, model_prec):
         """The log-likelihood curvature ``(kind, object)`` and the Hessian kind actually used.
 
         ``("dense", H [D, D])``, ``("diag", h [D])`` (float64) or ``("kfac", KroneckerApproximation)``
         (its prior precision set later)."""
+        model, names, values = potential.model, layout.names, potential.layout.constrain(z)
+        noise = {n: values[n] for n in model.noise_sites(potential.out_dim)}
+        params = {**fixed, **{n: values[n] for n in model.bayesian_names}}
         hessian, note = self.hessian, None
         if hessian == "full":
             if model_prec is None:
                 raise ValueError(_NON_GAUSSIAN_PRIOR)
-            H = _pyro_hessian(model, data, values, fixed_det, names).double()
+            H = _exact_hessian(potential, z, fixed, layout).double()
             _, info = torch.linalg.cholesky_ex(H)
-            if int(info) == 0:
-                # Pyro's Hessian includes the model's prior; keep the likelihood part.
+            if int(info) == 0:  # it includes the model's prior; keep the likelihood part
                 return ("dense", H - torch.diag(model_prec)), hessian, None
             eig = torch.linalg.eigvalsh(H)
             n_bad = int((eig <= 0).sum())
@@ -242,7 +227,7 @@ class Laplace(Backend, RunOptions):
                 raise ValueError(note + "; or on_indefinite='ggn' to fall back automatically")
             warnings.warn(note + ". Falling back to hessian='ggn'.", stacklevel=4)
             hessian = "ggn"
-        x = data.x
+        x = potential.data.x
         if hessian == "ggn":
             return ("dense", ggn_full(model, names, params, x, noise)), hessian, note
         if hessian == "diag":
@@ -292,7 +277,9 @@ class Laplace(Backend, RunOptions):
             init = torch.zeros(int(index.max()) + 1, dtype=torch.double)
             if model_prec is not None:  # start from the model's prior (group means)
                 init = torch.stack([model_prec[index == g].mean().log() for g in range(len(init))])
-            prec = _maximise(lambda log_d: lml(log_d.clamp(-20, 20).exp()[index]), init).exp()[index]
+            log_d = init.clone().requires_grad_(True)  # L-BFGS: few parameters, smooth
+            _lbfgs([log_d], lambda: -lml(log_d.clamp(-20, 20).exp()[index]), **_MARGLIK_LBFGS)
+            prec = log_d.detach().exp()[index]
             if not torch.isfinite(lml(prec)):
                 raise ValueError(
                     "marglik tuning left the posterior precision not positive definite (the exact Hessian's "
@@ -305,6 +292,7 @@ class Laplace(Backend, RunOptions):
         return prec.detach(), lml
 
 
+_MARGLIK_LBFGS = {"max_iter": 200, "tolerance_grad": 1e-9, "tolerance_change": 1e-14}
 _NON_GAUSSIAN_PRIOR = (
     "Laplace needs a Gaussian prior on the weights (pbnn.priors.Normal, LayerwiseNormal or HierarchicalNormal) "
     "to add its precision to the curvature"
@@ -345,12 +333,9 @@ def _gaussian_prior(model, values: dict, names: list[str]):
     return torch.cat(means).detach().double(), torch.cat(precs).detach().double()
 
 
-def _lbfgs_polish(params: list[torch.Tensor], loss_fn) -> None:
-    """Full-batch L-BFGS from the Adam solution; kept only if it lowers the loss."""
-    before = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        start = float(loss_fn())
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=100, history_size=20, line_search_fn="strong_wolfe")
+def _lbfgs(params: list[torch.Tensor], loss_fn, **options) -> None:
+    """Minimise ``loss_fn()`` over ``params`` in place with L-BFGS (strong Wolfe line search)."""
+    opt = torch.optim.LBFGS(params, lr=1.0, line_search_fn="strong_wolfe", **options)
 
     def closure():
         opt.zero_grad(set_to_none=True)
@@ -359,53 +344,30 @@ def _lbfgs_polish(params: list[torch.Tensor], loss_fn) -> None:
         return loss
 
     opt.step(closure)
+
+
+def _lbfgs_polish(params: list[torch.Tensor], loss_fn) -> None:
+    """Full-batch L-BFGS from the Adam solution; kept only if it lowers the loss."""
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        start = float(loss_fn())
+    _lbfgs(params, loss_fn, max_iter=100, history_size=20)
     with torch.no_grad():
         end = float(loss_fn())
-    if not (math.isfinite(end) and end <= start):
-        with torch.no_grad():
+        if not (math.isfinite(end) and end <= start):
             for p, b in zip(params, before):
                 p.copy_(b)
 
 
-def _maximise(objective, init: torch.Tensor) -> torch.Tensor:
-    """Maximise ``objective(log_delta)`` with L-BFGS (few parameters, smooth): the marglik tuner."""
-    x = init.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [x], lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-14, line_search_fn="strong_wolfe"
-    )
+def _exact_hessian(potential: Potential, z: torch.Tensor, fixed: dict, layout: SiteLayout) -> torch.Tensor:
+    """Hessian of ``-log joint`` (no Jacobian) in the weights of ``layout``, the other sites of ``z`` held."""
+    parts = potential.layout.split(z.detach())
 
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = -objective(x)
-        loss.backward()
-        return loss
+    def loss(theta):
+        z_all = potential.layout.join({**parts, **layout.split(theta)})
+        return -potential.log_joint(z_all, None, fixed, jacobian=False)
 
-    opt.step(closure)
-    return x.detach()
-
-
-def _pyro_hessian(model, data, values: dict, fixed_det: dict, names: list[str]) -> torch.Tensor:
-    """The Hessian ``AutoLaplaceApproximation.laplace_approximation`` takes, at the MAP.
-
-    Sites outside ``names`` (other weights, noise, hyper-parameters) are conditioned on their
-    MAP values, deterministic parameters set in a private param-store scope. The loss and its
-    Hessian are Pyro's (guide trace minus model trace, ``pyro.ops.hessian``); pbnn checks it
-    is positive definite before inverting, which Pyro's method does not.
-    """
-    cond = {k: v.detach() for k, v in values.items() if k not in names}
-    with pyro.get_param_store().scope():
-        store = pyro.get_param_store()
-        for k, v in fixed_det.items():
-            store[k] = v.detach().clone()
-        cmodel = poutine.condition(model, data=cond)
-        guide = AutoLaplaceApproximation(cmodel, init_loc_fn=init_to_value(values={n: values[n] for n in names}))
-        guide(data.x, data.y)
-        if list(guide._unconstrained_shapes) != list(names):
-            raise RuntimeError(f"unexpected site order {list(guide._unconstrained_shapes)} vs {names}")
-        guide_trace = poutine.trace(guide).get_trace(data.x, data.y)
-        model_trace = poutine.trace(poutine.replay(cmodel, trace=guide_trace)).get_trace(data.x, data.y)
-        loss = guide_trace.log_prob_sum() - model_trace.log_prob_sum()
-        return pyro_hessian(loss, guide.loc).detach()
+    return torch.func.hessian(loss)(layout.join(parts)).detach()
 
 
 def _approximation(curv, prec: torch.Tensor, theta: torch.Tensor, layout: SiteLayout, values: dict) -> Approximation:
@@ -567,7 +529,7 @@ class GLMPrediction(Prediction):
         if self.f_mean.shape[-1] == 1:
             return self._marginal().log_prob(y.reshape(-1))
         cov = self.f_cov + torch.diag_embed(self._noise_var())
-        return dist.MultivariateNormal(self.f_mean, covariance_matrix=cov).log_prob(y)
+        return MultivariateNormal(self.f_mean, covariance_matrix=cov).log_prob(y)
 
     def cdf(self, y: torch.Tensor) -> torch.Tensor:
         return self._marginal().cdf(torch.as_tensor(y, dtype=self.f_mean.dtype))
