@@ -29,16 +29,7 @@ from torch.distributions.transforms import identity_transform
 from pbnn.core import likelihoods as _lik
 from pbnn.core.potential import SiteLayout
 
-__all__ = [
-    "loss_hessian_sqrt",
-    "output_jacobian",
-    "ggn_full",
-    "ggn_diag",
-    "kfac_factors",
-    "linear_layers",
-    "weight_layout",
-    "SUPPORTED_LIKELIHOODS",
-]
+__all__ = ["loss_hessian_sqrt", "output_jacobian", "ggn_full", "ggn_diag", "kfac_factors", "linear_layers"]
 
 SUPPORTED_LIKELIHOODS = (_lik.Gaussian, _lik.MultiTaskGaussian, _lik.Bernoulli, _lik.Categorical)
 CHUNK = 256  # data points per Jacobian / KFAC pass: bounds memory at CHUNK * outputs * D

@@ -57,17 +57,14 @@ class Approximation:
 
     layout: SiteLayout
 
-    def sample_z(self, num_samples: int) -> torch.Tensor:
-        """``num_samples`` draws of ``z``, ``[num_samples, D]`` (torch's global RNG)."""
+    def sample_z(self, num_samples: int) -> torch.Tensor:  # [num_samples, D], torch's global RNG
         raise NotImplementedError
 
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """Log density of ``z`` ``[..., D]`` (unconstrained space), ``[...]``."""
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:  # z [..., D] (unconstrained) -> [...]
         raise NotImplementedError
 
     @property
-    def loc(self) -> torch.Tensor:
-        """The mean of ``z``, ``[D]``."""
+    def loc(self) -> torch.Tensor:  # the mean of z, [D]
         raise NotImplementedError
 
     def functional_covariance(self, jac: torch.Tensor) -> torch.Tensor:
@@ -75,9 +72,8 @@ class Approximation:
         raise NotImplementedError
 
     def sample(self, num_samples: int, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """``num_samples`` draws, each site ``[num_samples, *shape]``; reproducible with ``seed``.
-
-        The caller's RNG state is restored afterwards either way."""
+        """``num_samples`` draws, each site ``[num_samples, *shape]``; reproducible with ``seed``
+        (the caller's RNG state is restored either way)."""
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -89,27 +85,13 @@ class Approximation:
         """The site values at the mean of ``z`` (the mode for a Gaussian)."""
         return self.layout.constrain(self.loc)
 
-    @property
-    def sites(self) -> list[tuple[str, torch.Size, Transform]]:
-        return self.layout.sites
-
-    def __setstate__(self, state: dict) -> None:  # posteriors saved before the SiteLayout
-        if "layout" not in state:
-            kron = [(n, v.shape, identity_transform) for n, v in state.get("mean_values", {}).items()]
-            state["layout"] = SiteLayout(state.pop("sites", None) or kron)
-        self.__dict__.update(state)
-
-
-def _as_layout(sites: SiteLayout | list) -> SiteLayout:
-    return sites if isinstance(sites, SiteLayout) else SiteLayout(list(sites))
-
 
 class FlatApproximation(Approximation):
     """``q(z)``, a torch distribution over the flat unconstrained ``z``, and the ``sites`` it packs
     (a :class:`pbnn.potential.SiteLayout` or its ``(name, shape, transform)`` list)."""
 
     def __init__(self, q: Distribution, sites: SiteLayout | list[tuple[str, torch.Size, Transform]]) -> None:
-        self.layout = _as_layout(sites)
+        self.layout = sites if isinstance(sites, SiteLayout) else SiteLayout(list(sites))
         if q.event_shape != torch.Size([self.layout.dim]):
             raise ValueError(f"q has event shape {tuple(q.event_shape)}, but the sites pack {self.layout.dim} numbers")
         self.q = q
