@@ -167,3 +167,19 @@ def test_toy_backend_is_a_sound_sampler():
     mean = float(phi @ y.double()) / 0.25 / precision
     assert abs(float(post.samples["weight"].mean()) - mean) < 0.02
     assert abs(float(post.samples["weight"].std()) - precision**-0.5) < 0.01
+
+
+def test_writing_a_backend_page_runs():
+    """The example of docs/writing_a_backend.md is a working backend of under 60 lines."""
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "writing_a_backend.md").read_text()
+    code = page.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.splitlines()) < 60
+    try:
+        exec(compile(code, "writing_a_backend.md", "exec"), {})
+        x, y = _data()
+        post = pbnn.fit(_bnn(), x, y, method="sir", num_proposals=500, num_samples=50, seed=0)
+        assert post.samples["0.weight"].shape == (1, 50, 6, 1)
+    finally:
+        BACKENDS.pop("sir", None)
