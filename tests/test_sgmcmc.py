@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pbnn
-from pbnn.engine.sgmcmc import CyclicalSGLDKernel, SGHMCKernel, SGLDKernel
+from pbnn.infer.sgmcmc import CyclicalSGLDKernel, SGHMCKernel, SGLDKernel
 from pbnn.kernels.sgmcmc import (
     cycle_index,
     cyclical_cosine,

@@ -2,9 +2,9 @@
 
 Each backend runs its update rule and schedule (:mod:`pbnn.kernels.sgmcmc`) through the one
 chain runner (:func:`pbnn.engine.chains.sample_sgmcmc`), one chain after another (spread
-over the ranks under ``torch.distributed``), on the model's potential. The same kernels are
-also Pyro ``MCMCKernel`` classes (:mod:`pbnn.engine.sgmcmc`) for ``pyro.infer.MCMC``; see
-``docs/sgmcmc.md``.
+over the ranks under ``torch.distributed``), on the model's potential. Each backend is also a
+Pyro ``MCMCKernel`` for ``pyro.infer.MCMC`` (:class:`SGLDKernel`, ...: thin adapters over the
+same options and kernels); see ``docs/sgmcmc.md``.
 
 Learning-rate convention: ``lr`` (formerly ``step_size``) is the learning rate on the mean
 loss per data point (the form of the cyclical SG-MCMC reference code), so the Langevin step
@@ -26,15 +26,31 @@ import math
 from dataclasses import dataclass
 
 import torch
+from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
+from pbnn.core.data import validate
 from pbnn.core.options import nonneg, nonneg_int, one_of, option, optional, positive, positive_int, probability
+from pbnn.core.potential import Potential
 from pbnn.engine import chains, distributed
 from pbnn.engine.training import resolve_batch_size
 from pbnn.infer.base import Backend, ChainOptions, RunOptions, register
 from pbnn.kernels import sgmcmc
 from pbnn.posterior.diagnostics import convergence_warning
 
-__all__ = ["SGLD", "SGHMC", "PSGLD", "CyclicalSGLD", "CyclicalSGHMC", "cycle_length_for"]
+__all__ = [
+    "SGLD",
+    "SGHMC",
+    "PSGLD",
+    "CyclicalSGLD",
+    "CyclicalSGHMC",
+    "cycle_length_for",
+    "SGMCMCKernel",
+    "SGLDKernel",
+    "SGHMCKernel",
+    "PSGLDKernel",
+    "CyclicalSGLDKernel",
+    "CyclicalSGHMCKernel",
+]
 
 
 # "auto" compiles the gradient for runs of at least this many gradient steps: ~10 s of
@@ -259,6 +275,7 @@ class _Cyclical(_SGMCMC):
     init: str = option("auto", one_of("net", "map", "auto"))
     num_cycles: int = option(4, positive_int)
     exploration: float = option(0.5, fraction_check)
+    cycle_length: int | None = option(None, optional(positive_int))
 
     def validate(self) -> None:
         super().validate()
@@ -267,7 +284,7 @@ class _Cyclical(_SGMCMC):
 
     def _schedule(self) -> sgmcmc.Schedule:
         draws_per_cycle = math.ceil((self.warmup + self.num_samples) / self.num_cycles)
-        length = cycle_length_for(draws_per_cycle, self.thinning, self.exploration)
+        length = self.cycle_length or cycle_length_for(draws_per_cycle, self.thinning, self.exploration)
         return sgmcmc.cyclical_schedule(self.lr, length, self.num_cycles, self.exploration, self.thinning)
 
 
@@ -301,6 +318,8 @@ class CyclicalSGLD(_Cyclical):
             warm-started). With a learned noise scale the warm start hurts: the exploration
             stages then pull the scale down onto the training residuals of the trained net
             (Friedman, seed 0: test NLL 1.17 warm-started against 0.36 from scratch).
+        cycle_length: gradient steps per cycle; None (default): the shortest cycle whose
+            sampling stage holds ``ceil((warmup + num_samples) / num_cycles)`` draws.
         others: as :class:`SGLD` (no ``schedule``).
 
     ``sample_stats["cycle"]`` holds each draw's cycle (0-based) and
@@ -338,3 +357,154 @@ class CyclicalSGHMC(_Cyclical):
 
     def _rule(self, num_data: int) -> sgmcmc.Rule:
         return sgmcmc.sghmc(num_data, self.friction, self.temperature)
+
+
+# ---------------------------------------------------------------------------- Pyro MCMCKernel adapters
+class SGMCMCKernel(MCMCKernel):
+    """A backend's sampler as a Pyro ``MCMCKernel``, so ``pyro.infer.MCMC`` runs it (progress
+    bar, ``hook_fn``, ``summary``): a thin adapter over the backend's declared options and
+    :func:`pbnn.kernels.sgmcmc.transition`.
+
+    The kernel owns its data (given to ``MCMC.run(x, y)``), builds the model's potential
+    from it, draws its own minibatches and keeps the sampler's state; one ``sample`` call is
+    one transition (``thinning`` gradient steps; for the cyclical kernels, up to the next
+    collection point of a sampling stage). ``warmup_steps`` and ``num_samples`` count
+    transitions. ``stats`` holds each kept draw's learning rate (and cycle).
+
+    Args:
+        model: a :class:`pbnn.BNN` or a Pyro model ``model(x, y=None, subsample=None)``.
+        lr: learning rate on the per-datum loss (formerly ``step_size``, still accepted with
+            a DeprecationWarning).
+        options: the backend's (``batch_size``, ``thinning`` (default 1 here), ``temperature``,
+            ``schedule``, ``decay_b``, ``decay_gamma``, ``friction``, ``alpha``, ``eps``,
+            ``cycle_length``, ``num_cycles``, ``exploration``, ``seed``: the kernel's own
+            generator; ``compile`` (default False here)).
+
+    Example:
+        >>> import torch, pyro, pbnn
+        >>> x = torch.randn(100, 1); y = 2 * x[:, 0] + 0.1 * torch.randn(100)
+        >>> model = pbnn.BNN(torch.nn.Linear(1, 1), likelihood=pbnn.likelihoods.Gaussian(0.1))
+        >>> kernel = SGLDKernel(model, lr=1e-3, seed=0)
+        >>> mcmc = pyro.infer.MCMC(kernel, num_samples=200, warmup_steps=200, disable_progbar=True)
+        >>> mcmc.run(x, y)
+        >>> round(float(mcmc.get_samples()["weight"].mean()), 1), kernel.thinning
+        (2.0, 1)
+    """
+
+    backend: type[_SGMCMC] = SGLD
+
+    def __init__(self, model, lr: float | None = None, **options) -> None:
+        self.model = model
+        given = {} if lr is None else {"lr": lr}
+        self.options = self.backend(**{"thinning": 1, "compile": False, **options, **given})
+        self.method = self.options.name
+        self.transforms = self.potential = self._generator = self._init = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name in ("options", "model"):
+            raise AttributeError(name)
+        return getattr(self.options, name)
+
+    def _schedule(self, step: int) -> float:
+        """The learning rate of gradient step ``step`` (1-based)."""
+        return self.options._schedule().lr(step)
+
+    def setup(self, warmup_steps: int, x=None, y=None, *args, **kwargs) -> None:
+        """Take the data (``MCMC.run(x, y)``), build the potential and gradient, reset the chain state."""
+        if x is None or y is None or args or kwargs:
+            raise ValueError("SG-MCMC kernels own their data and take exactly MCMC(...).run(x, y)")
+        self.potential = Potential(self.model, validate(self.model, x, y))
+        # Pyro's MCMC wants constrained -> unconstrained transforms (it applies .inv to the draws).
+        self.transforms = {n: t.inv for n, t in zip(self.potential.names, self.potential.transforms)}
+        if self._generator is None:  # kept across chains, so sequential chains differ
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self._generator = torch.Generator().manual_seed(seed)
+        compile = self.compile is True  # "auto" has no run length to go by here: eager
+        self._grad = chains.sg_gradient(self.potential, self.batch_size, self._generator, compile, self.method)
+        self._rule, self._sched = self.options._rule(len(self.potential.data)), self.options._schedule()
+        start = self.potential.initial_z() if self._init is None else self.potential.layout.join(self._init)
+        self._state = sgmcmc.init(self._rule, start.detach().clone(), self.lr)
+        self.warmup_steps, self._transitions, self._last = warmup_steps, 0, None
+        self.stats: dict[str, list] = {"step_size": []}
+
+    _z = property(lambda self: self._state.z)
+    _step = property(lambda self: self._state.step)
+
+    @property
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        """Unconstrained initial values ``{site: tensor}`` (the network's own init for a BNN)."""
+        if self.potential is None:
+            raise RuntimeError("call setup (MCMC.run) first")
+        return self.potential.layout.split(self._state.z)
+
+    @initial_params.setter
+    def initial_params(self, params: dict[str, torch.Tensor]) -> None:
+        self._init = params
+        if self.potential is not None:
+            self._state = self._state._replace(z=self.potential.layout.join(params).detach())
+
+    def sample(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One transition: gradient steps up to the next collection point; returns unconstrained params."""
+        z = self._state.z if params is self._last else self.potential.layout.join(params).detach()
+        state = self._state._replace(z=z)
+        self._state, info = sgmcmc.transition(
+            state, self._grad, self._rule, self._sched, self._generator, type(self).__name__
+        )
+        self._transitions += 1
+        if self._transitions > self.warmup_steps:
+            self.stats["step_size"].append(self._state.lr)
+            if "cycle" in info:
+                self.stats.setdefault("cycle", []).append(int(info["cycle"]))
+        self._last = self.potential.layout.split(self._state.z)
+        return self._last
+
+    def logging(self) -> dict:
+        return {"step size": f"{self._state.lr:.2e}", "grad steps": self._state.step}
+
+    def diagnostics(self) -> dict:
+        return {"gradient_steps": self._state.step}
+
+
+class SGLDKernel(SGMCMCKernel):
+    """:class:`SGLD` as a Pyro ``MCMCKernel`` (see :class:`SGMCMCKernel`)."""
+
+
+class SGHMCKernel(SGMCMCKernel):
+    """:class:`SGHMC` as a Pyro ``MCMCKernel``.
+
+    Example:
+        >>> import torch, pbnn
+        >>> SGHMCKernel(pbnn.BNN(torch.nn.Linear(1, 1)), lr=1e-3, friction=0.1).friction
+        0.1
+    """
+
+    backend = SGHMC
+
+
+class PSGLDKernel(SGMCMCKernel):
+    """:class:`PSGLD` as a Pyro ``MCMCKernel``."""
+
+    backend = PSGLD
+
+
+class CyclicalSGLDKernel(SGMCMCKernel):
+    """:class:`CyclicalSGLD` as a Pyro ``MCMCKernel``; pass ``cycle_length`` (gradient steps
+    per cycle) and ``num_cycles`` (the schedule keeps cycling if the run is longer).
+
+    Example:
+        >>> import torch, pbnn
+        >>> k = CyclicalSGLDKernel(pbnn.BNN(torch.nn.Linear(1, 1)), 0.1, cycle_length=100, num_cycles=4)
+        >>> k.cycle_length * k.num_cycles
+        400
+    """
+
+    backend = CyclicalSGLD
+
+    def logging(self):
+        return {**super().logging(), "cycle": self._sched.cycle(max(self._step, 1))}
+
+
+class CyclicalSGHMCKernel(CyclicalSGLDKernel):
+    """:class:`CyclicalSGHMC` as a Pyro ``MCMCKernel`` (``friction`` default 0.9)."""
+
+    backend = CyclicalSGHMC

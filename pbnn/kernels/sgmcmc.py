@@ -19,7 +19,7 @@ As in BlackJAX, the pieces are kept apart:
   (``thinning`` steps; for the cyclical schedule, to the next collection point of a
   sampling stage), with the divergence guard. The loop over transitions belongs to the
   caller (:func:`pbnn.engine.chains.run_chains`, or a Pyro ``MCMCKernel`` in
-  :mod:`pbnn.engine.sgmcmc`).
+  :mod:`pbnn.infer.sgmcmc`).
 
 Example:
     >>> import torch
