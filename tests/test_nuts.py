@@ -196,8 +196,9 @@ def test_pyro_model_through_pyro_nuts(conjugate):
 def test_init_dict_starts_there(make_net):
     model, x, y = _small_bnn(make_net)
     start = {"sigma": torch.tensor(0.3)}
-    post = pbnn.fit(model, x, y, method="hmc", init=start, init_jitter=0.0, num_samples=2, warmup=0, num_leapfrog_steps=1,
-                    step_size=1e-4, adapt_step_size=False, num_chains=1, progress=False, warn=False)  # fmt: skip
+    post = pbnn.fit(model, x, y, method="hmc", init=start, init_jitter=0.0, num_samples=2, warmup=0,
+                    num_leapfrog_steps=1, step_size=1e-4, adapt_step_size=False, num_chains=1, progress=False,
+                    warn=False)  # fmt: skip
     # One leapfrog step of size 1e-4 cannot move sigma far from where the chain started.
     assert abs(float(post.samples["sigma"][0, 0]) - 0.3) < 0.01
     with pytest.raises(ValueError, match="unknown sites"):
