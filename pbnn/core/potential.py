@@ -325,7 +325,7 @@ class PyroPotential(Potential):
             trace = poutine.trace(model).get_trace(data.x, data.y)
             sites, init = [], {}
             for name, site in trace.iter_stochastic_nodes():
-                if site_is_subsample(site):
+                if site_is_subsample(site):  # a plate's subsample site is not a latent variable
                     continue
                 t = biject_to(site["fn"].support)
                 init[name] = pyro.infer.autoguide.initialization.init_to_median(site).detach()
