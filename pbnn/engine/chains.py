@@ -152,7 +152,14 @@ def sample_hmc(
     def adapt(s, info, it):
         nonlocal warm
         s, warm = hmc.adapt(
-            s, warm, info, it, warmup=warmup, fn=fn, gen=generator, target_accept=target_accept,
+            s,
+            warm,
+            info,
+            it,
+            warmup=warmup,
+            fn=fn,
+            gen=generator,
+            target_accept=target_accept,
             adapt_step_size=adapt_step_size,
         )
         return s
@@ -162,8 +169,15 @@ def sample_hmc(
         return {"phase": phase, "step": _fmt(s.step_size), "div": " ".join(str(int(d)) for d in div)}
 
     draws, stats, state = run_chains(
-        step, state, num_samples=num_samples, warmup=warmup, thinning=thinning, adapt=adapt, postfix=postfix,
-        progress=progress, desc=desc,
+        step,
+        state,
+        num_samples=num_samples,
+        warmup=warmup,
+        thinning=thinning,
+        adapt=adapt,
+        postfix=postfix,
+        progress=progress,
+        desc=desc,
     )
     return ChainResult(draws, stats, {"step_size": state.step_size, "inv_mass": state.inv_mass})
 
@@ -202,8 +216,16 @@ def sample_mh(
         return s
 
     draws, stats, state = run_chains(
-        lambda s: mh.step(s, log_density, generator), state, num_samples=num_samples, warmup=warmup,
-        thinning=thinning, adapt=adapt, averaged=("acceptance_rate",), every=50, progress=progress, desc=desc,
+        lambda s: mh.step(s, log_density, generator),
+        state,
+        num_samples=num_samples,
+        warmup=warmup,
+        thinning=thinning,
+        adapt=adapt,
+        averaged=("acceptance_rate",),
+        every=50,
+        progress=progress,
+        desc=desc,
         postfix=lambda s, it, div: {"scale": _fmt(s.log_s.exp())},
     )
     return ChainResult(draws, stats, {"scale": state.log_s.exp()})
@@ -225,9 +247,15 @@ def sample_sgmcmc(
     ``num_samples`` kept (one transition = gradient steps up to the schedule's next collection
     point). Draws ``[1, S, D]``; stats ``step_size`` (and ``cycle``); final ``gradient_steps``."""
     draws, stats, state = run_chains(
-        lambda s: sgmcmc.transition(s, grad_fn, rule, schedule, generator, name), sgmcmc.init(rule, z0),
-        num_samples=num_samples, warmup=warmup, position=lambda s: s.z[None], every=1, progress=progress,
-        postfix=lambda s, it, div: {"lr": f"{s.lr:.2e}", "grad steps": s.step}, desc=name,
+        lambda s: sgmcmc.transition(s, grad_fn, rule, schedule, generator, name),
+        sgmcmc.init(rule, z0),
+        num_samples=num_samples,
+        warmup=warmup,
+        position=lambda s: s.z[None],
+        every=1,
+        progress=progress,
+        postfix=lambda s, it, div: {"lr": f"{s.lr:.2e}", "grad steps": s.step},
+        desc=name,
     )
     return ChainResult(draws, stats, {"gradient_steps": [state.step]})
 
@@ -275,7 +303,13 @@ def init_chains(
     fixed = potential.fixed
     if (isinstance(init, str) and init == "map") or fixed:
         z0, fixed, _ = fit_map(
-            potential, z0, num_steps=map_steps, lr=0.01, fixed=fixed, jacobian=True, desc="MAP warm start",
+            potential,
+            z0,
+            num_steps=map_steps,
+            lr=0.01,
+            fixed=fixed,
+            jacobian=True,
+            desc="MAP warm start",
             progress=progress,
         )
     return z0, fixed
@@ -317,8 +351,16 @@ def warm_start(potential, z: torch.Tensor, *, num_steps: int, batch_size: int | 
         weights = set(potential.model.bayesian_names)
         moving = torch.cat([torch.full((s,), n in weights) for n, s in zip(potential.names, potential.sizes)])
     z, _, _ = fit_map(
-        potential, z, num_steps=num_steps, lr=0.01, batch_size=resolve_batch_size(batch_size, len(potential.data)),
-        train_fixed=False, moving=moving, jacobian=True, desc="MAP warm start", progress=progress,
+        potential,
+        z,
+        num_steps=num_steps,
+        lr=0.01,
+        batch_size=resolve_batch_size(batch_size, len(potential.data)),
+        train_fixed=False,
+        moving=moving,
+        jacobian=True,
+        desc="MAP warm start",
+        progress=progress,
     )
     if not torch.isfinite(z).all():
         raise ValueError("the MAP warm start diverged (NaN/inf); standardise x and y, or pass init='net'")

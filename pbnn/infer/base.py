@@ -245,4 +245,3 @@ def make_backend(method, **options) -> Backend:
     if unknown:
         raise ValueError(f"bad option for method {method!r}: unknown option(s) {unknown}; its options are {known}")
     return cls(**options)
-

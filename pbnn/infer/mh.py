@@ -77,15 +77,26 @@ class MH(Backend, RunOptions, ChainOptions):
         with pyro.validation_enabled(False), torch.no_grad():
             with torch.enable_grad(), distributed.rank_local():  # every rank starts all chains
                 z0, fixed = chains.init_chains(
-                    potential, self.num_chains, self.init, jitter=self.init_jitter, map_steps=self.map_steps,
-                    generator=gen, progress=self.progress,
+                    potential,
+                    self.num_chains,
+                    self.init,
+                    jitter=self.init_jitter,
+                    map_steps=self.map_steps,
+                    generator=gen,
+                    progress=self.progress,
                 )
 
             def run(z0, gen):
                 return chains.sample_mh(
-                    lambda z: potential.log_joint_batch(z, None, fixed), z0, num_samples=self.num_samples,
-                    warmup=self.warmup, thinning=self.thinning, proposal_scale=self.proposal_scale,
-                    target_accept=self.target_accept, generator=gen, progress=self.progress,
+                    lambda z: potential.log_joint_batch(z, None, fixed),
+                    z0,
+                    num_samples=self.num_samples,
+                    warmup=self.warmup,
+                    thinning=self.thinning,
+                    proposal_scale=self.proposal_scale,
+                    target_accept=self.target_accept,
+                    generator=gen,
+                    progress=self.progress,
                     desc=f"MH ({len(z0)} chains)",
                 )
 

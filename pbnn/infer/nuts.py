@@ -52,8 +52,13 @@ class _Hamiltonian(Backend, RunOptions, ChainOptions):
         with pyro.validation_enabled(False):
             with distributed.rank_local():  # every rank starts all chains (the same MAP warm start)
                 z0, fixed = chains.init_chains(
-                    potential, self.num_chains, self.init, jitter=self.init_jitter, map_steps=self.map_steps,
-                    generator=gen, progress=self.progress,
+                    potential,
+                    self.num_chains,
+                    self.init,
+                    jitter=self.init_jitter,
+                    map_steps=self.map_steps,
+                    generator=gen,
+                    progress=self.progress,
                 )
             iterations = self.warmup + self.num_samples * self.thinning
             compile = potential.kind == "bnn" and chains.should_compile(self.compile, iterations)
@@ -61,9 +66,17 @@ class _Hamiltonian(Backend, RunOptions, ChainOptions):
 
             def run(z0, gen):
                 return chains.sample_hmc(
-                    self.kernel, fn, z0, num_samples=self.num_samples, warmup=self.warmup, thinning=self.thinning,
-                    target_accept=self.target_accept, generator=gen, progress=self.progress,
-                    desc=f"{self.name.upper()} ({len(z0)} chains)", **self._sampler_options(),
+                    self.kernel,
+                    fn,
+                    z0,
+                    num_samples=self.num_samples,
+                    warmup=self.warmup,
+                    thinning=self.thinning,
+                    target_accept=self.target_accept,
+                    generator=gen,
+                    progress=self.progress,
+                    desc=f"{self.name.upper()} ({len(z0)} chains)",
+                    **self._sampler_options(),
                 )
 
             result = distributed.run_batched_chains(run, z0, gen)

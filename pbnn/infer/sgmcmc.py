@@ -117,8 +117,15 @@ class _SGMCMC(Backend, RunOptions, ChainOptions):
             own = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=gen).item()))
             grad = chains.sg_gradient(potential, self.batch_size, own, compile, self.name)
             return chains.sample_sgmcmc(
-                grad, rule, schedule, z, num_samples=self.num_samples, warmup=self.warmup, generator=own,
-                name=type(self).__name__, progress=self.progress,
+                grad,
+                rule,
+                schedule,
+                z,
+                num_samples=self.num_samples,
+                warmup=self.warmup,
+                generator=own,
+                name=type(self).__name__,
+                progress=self.progress,
             )
 
         # Distributed: several chains are spread over the ranks; one chain runs on every rank

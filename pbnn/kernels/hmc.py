@@ -401,7 +401,6 @@ def hmc_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, num_steps: int = 20):
     return z, lp, g, stats
 
 
-
 # ---------------------------------------------------------------------------- adaptation
 class DualAveragingState(NamedTuple):
     """Nesterov dual averaging of ``log(step size)`` per chain (Hoffman & Gelman 2014)."""

@@ -203,7 +203,6 @@ def cycle_index(step: int, num_steps: int, num_cycles: int) -> int:
     return (step - 1) // math.ceil(num_steps / num_cycles)
 
 
-
 # ---------------------------------------------------------------------------- rules with state
 class Rule(NamedTuple):
     """An update rule: ``init(z) -> aux`` and ``update(z, aux, grad, lr, noise) -> (z, aux)``."""
