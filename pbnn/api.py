@@ -1,13 +1,7 @@
-"""``pbnn.fit``: the one entry point.
-
-Hand-written Pyro models (the Pyro-syntax path) follow the same convention as
-:class:`pbnn.BNN`:
-
-* signature ``model(x, y=None)``; to allow minibatch backends also accept
-  ``subsample=None`` and pass it to the data plate;
-* observations at the sample site ``"obs"`` inside ``pyro.plate("data", len(x), subsample=subsample)``;
-* every other ``pyro.sample`` site is a latent variable of the posterior; ``pyro.param``
-  sites are point estimates (fitted by SVI / MAP, stored in ``Posterior.fixed``).
+"""``pbnn.fit``: the one entry point. A hand-written Pyro model follows :class:`pbnn.BNN`'s
+convention: ``model(x, y=None, subsample=None)``, observations at ``"obs"`` inside
+``pyro.plate("data", len(x), subsample=subsample)``; other sample sites are latent,
+``pyro.param`` sites point estimates.
 
 Example:
     >>> import torch, pyro, pbnn

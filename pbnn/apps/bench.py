@@ -1,8 +1,5 @@
-"""Benchmarks: every backend on the same tasks, and the UCI regression protocol as a function.
-
-Tasks are all offline: generated data (``gap``, ``friedman``, ``moons``) or data sets that
-scikit-learn ships inside its wheel (``diabetes``, ``digits``; scikit-learn is an optional,
-benchmark-only dependency).
+"""Benchmarks: every backend on the same offline tasks (generated ``gap``, ``friedman``,
+``moons``; scikit-learn's bundled ``diabetes``, ``digits``), and the UCI regression protocol.
 
 Example:
     >>> import numpy as np

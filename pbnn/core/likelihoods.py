@@ -1,12 +1,6 @@
-"""Observation models: how targets ``y`` arise from the network output ``f``.
-
-Every likelihood maps a network output ``f`` of shape ``[..., N, out_dim]`` (plus the
-values of its own noise sites, if any) to a torch distribution over ``y`` with batch
-shape ``[..., N]``. The same object serves the Pyro model (inside the data plate), the
-functional potential of the fast backends and the predictive.
-
-Target-shape convention: when the network has one output, targets are ``[N]`` (a
-``[N, 1]`` array is accepted and flattened); with ``D > 1`` outputs they are ``[N, D]``.
+"""Observation models: a likelihood maps the network output ``f [..., N, out_dim]`` (and its
+noise sites) to a distribution over ``y`` with batch shape ``[..., N]``. Targets are ``[N]``
+for one output (``[N, 1]`` is flattened), ``[N, D]`` for ``D > 1``.
 
 Example:
     >>> import torch, pbnn

@@ -1,21 +1,10 @@
 """``pbnn.BNN``: a plain ``torch.nn.Module`` turned into a Pyro model with weight priors.
 
-Site and plate convention (shared with hand-written Pyro models, see :mod:`pbnn.api`):
-
-* each Bayesian parameter is a Pyro sample site named exactly like the module parameter
-  (``"0.weight"``, ``"0.bias"``, ...), with the prior's distribution;
-* likelihood latents (e.g. the learned noise scale ``"sigma"``) and prior hyper-parameters
-  (``"0.weight.prior_scale"``) are sample sites too;
-* observations are the site ``"obs"`` inside ``pyro.plate("data", N, subsample=...)``, so a
-  minibatch log-likelihood is scaled by ``N / B`` and one model serves full-batch and
-  minibatch backends;
-* parameters kept deterministic (``bayesian=`` or ``last_layer=True``) are ``pyro.param``
-  sites with the same name, optimised by SVI / MAP and held fixed by samplers.
-
-The network is evaluated with ``torch.func.functional_call``, so the same object gives a
-Pyro model (``model(x, y)``) and a pure function of the weights (:meth:`BNN.output`,
-:meth:`BNN.log_prior`, :meth:`BNN.log_likelihood`) that the fast backends and the
-vectorised predictive use without re-tracing Pyro.
+Sites (the convention of ``docs/model.md``): one sample site per Bayesian parameter, named like
+the module parameter; likelihood latents and prior hyper-parameters are sample sites too;
+observations are ``"obs"`` inside ``pyro.plate("data", N, subsample=...)``; deterministic
+parameters are ``pyro.param`` sites. The network runs through ``torch.func.functional_call``,
+so the same object is a Pyro model and a pure function of the weights.
 
 Example:
     >>> import torch, pbnn

@@ -1,20 +1,9 @@
-"""The one model interface every backend works on: a model's log joint as a function of one
-flat unconstrained vector ``z``.
-
-``Potential(model, data)`` is built once per fit (by :func:`pbnn.fit`) from either kind of
-model and handed to the backend; it has two implementations of one interface:
-
-* :class:`BNNPotential` for a :class:`pbnn.BNN`: a pure torch function of the weights (no
-  Pyro tracing), with the fused fixed-Normal prior, ``torch.func.vmap`` over particles or
-  chains, and the network (:meth:`Potential.network`) for backends that need one;
-* :class:`PyroPotential` for a hand-written Pyro model ``model(x, y=None, subsample=None)``:
-  the model traced with its latent sites conditioned on ``z`` (Pyro's own transforms to
-  each site's support), the ``"data"`` plate scaling a minibatch by ``N / B``.
-
-Both own the site layout (:class:`SiteLayout`: the one pack / unpack of ``z`` into named,
-constrained sites, with the log Jacobian), the log joint, its minibatch scaling, and the
-point-estimate parameters the model holds fixed (``fixed``). A backend that cannot serve a
-model kind says so through :meth:`Potential.require`, with an error that names the way out.
+"""The one model interface every backend works on: a model's log joint as a function of one flat
+unconstrained vector ``z``, with the site layout (:class:`SiteLayout`, the one pack / unpack),
+minibatch scaling and the fixed point-estimate parameters. :class:`BNNPotential` (a pure torch
+function of a :class:`pbnn.BNN`'s weights) and :class:`PyroPotential` (a hand-written Pyro
+model, traced) implement it; :meth:`Potential.require` names the way out when a backend
+cannot serve a model.
 
 Example:
     >>> import torch, pbnn

@@ -1,8 +1,5 @@
-"""Priors over the weights of a :class:`pbnn.BNN`.
-
-A prior is a small ``torch.nn.Module`` that, given a parameter's name and its
-tensor, returns the Pyro distribution of that parameter. Prior constants live in
-buffers, so ``model.to(device)`` moves them with the network.
+"""Priors over a :class:`pbnn.BNN`'s weights: small ``nn.Module`` s mapping a parameter's name and
+tensor to its Pyro distribution (constants in buffers, so ``model.to(device)`` moves them).
 
 Example:
     >>> import torch, pbnn

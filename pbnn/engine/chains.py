@@ -1,19 +1,6 @@
-"""The one chain runner, for NUTS, HMC, MH and every SG-MCMC sampler.
-
-:func:`run_chains` owns the loop over iterations: warm-up (it calls the kernel's adaptation
-hook), thinning, recording draws and per-draw statistics of chains ``[C, D]`` stepped
-together, the divergence count and the one progress bar. The samplers' drivers
-(:func:`sample_hmc`, :func:`sample_mh`, :func:`sample_sgmcmc`) put a kernel of
-:mod:`pbnn.kernels` into it; the backends map them over chains and ranks with
-:func:`pbnn.engine.distributed.run_batched_chains` (vectorised chains, each chain seeded from
-``(seed, chain)`` under ``torch.distributed``) or :func:`pbnn.engine.distributed.map_chains`
-(one chain at a time, each with its own generator).
-
-Starting points: :func:`init_chains` (jittered starts, optional MAP warm start of all chains
-through :func:`pbnn.engine.training.fit_map`), :func:`chain_start` and :func:`warm_start`
-(SG-MCMC's per-chain starts and its weights-only MAP warm start). :func:`sg_gradient` is the
-minibatch gradient of the per-datum loss SG-MCMC steps on (data-parallel under
-``torch.distributed``).
+"""The one chain runner (:func:`run_chains`: warm-up, thinning, statistics, divergences, progress
+bar) and its drivers for NUTS / HMC, MH and SG-MCMC, plus the chains' starting points and
+SG-MCMC's minibatch gradient.
 
 Example:
     >>> import torch

@@ -1,28 +1,7 @@
-"""Data-parallel training and parallel chains on ``torch.distributed`` (launched with ``torchrun``).
-
-Inside ``with pbnn.distributed.data_parallel():`` (or ``pbnn.fit(..., distributed=True)``)
-a backend uses the ranks in one of two ways:
-
-* **data-parallel** (SVI, MAP, and SG-MCMC with ``num_chains=1``): every global
-  minibatch is split over the ranks, each rank computes the gradient on its part, and the
-  gradients are summed with ``all_reduce`` (weighted by each rank's share), so K ranks
-  make exactly the update one process would make on the union of their minibatches.
-  Random draws that must agree (SVI's guide sample, the minibatch permutation, SG-MCMC's
-  injected noise) come from the same seed on every rank, so all ranks hold one chain.
-* **chain-parallel** (NUTS, HMC, MH; ``ensemble`` and ``multiswag`` members; SG-MCMC
-  with ``num_chains > 1``): rank ``r`` runs its contiguous block of chains (global chain
-  index = local index + offset, see :func:`chain_slice`), on its own data in full; the
-  per-chain results are gathered in chain order (:func:`gather_chains`). Each chain's
-  randomness depends only on the seed and its global index, so the draws are the same
-  whatever the number of ranks: a ``torchrun`` job returns what the same script run
-  with plain ``python`` returns.
-
-pbnn broadcasts rank 0's seed when none is given. Every rank returns the same, complete
-Posterior (results are all-gathered, not just sent to rank 0). Other backends (SWAG,
-Laplace, ...) are not distributed: inside the context every rank runs the whole fit.
-
-The process group is created from torchrun's environment variables when it does not
-exist yet: gloo on CPU, NCCL when CUDA is available.
+"""Data-parallel training and parallel chains on ``torch.distributed`` (launched with ``torchrun``;
+see ``docs/distributed.md``). Inside ``data_parallel()`` minibatch trainers split each global
+batch over the ranks and sum the gradients; chain samplers and ensembles give each rank a block
+of chains seeded by global index, so any number of ranks returns what one process returns.
 
 Example (single process: the context is a no-op without a multi-rank group):
     >>> import pbnn

@@ -1,21 +1,6 @@
-"""Post-hoc recalibration of a predictive on a held-out split.
-
-A calibrator is fitted on validation predictions (``post.predict(x_val)``) and labels /
-targets by minimising the validation NLL of the posterior-predictive mixture, and then
-applied to any Prediction of the same model. Applying it returns a new
-:class:`pbnn.Prediction`; the Posterior is never changed.
-
-- :class:`TemperatureScaling` (Guo et al. 2017): one scalar ``T``; every draw's class
-  probabilities become ``softmax(f / T)``. ``T > 1`` softens an overconfident model.
-- :class:`VectorScaling`: a scale and a bias per class, ``softmax(w * f + b)`` (for one
-  binary logit this is Platt scaling).
-- :class:`VarianceScaling` (regression): widens (``s > 1``) or narrows the whole
-  predictive about its mean by a factor ``s``: each draw's conditional
-  ``N(mu_s, sigma_s^2)`` becomes ``N(m + s (mu_s - m), (s sigma_s)^2)`` with ``m`` the
-  predictive mean, so the predictive standard deviation is multiplied by ``s``.
-
-All are fitted with L-BFGS in float64; the scale parameters are optimised on the log
-scale so they stay positive.
+"""Post-hoc recalibration fitted on held-out predictions (minimising the validation NLL with
+L-BFGS in float64): :class:`TemperatureScaling`, :class:`VectorScaling`, :class:`VarianceScaling`.
+Applying a calibrator returns a new :class:`pbnn.Prediction`; the Posterior is never changed.
 
 Example:
     >>> import torch, pbnn

@@ -1,11 +1,6 @@
-"""Metrics on a :class:`pbnn.Prediction` and the true targets.
-
-Classification metrics take a classification ``Prediction`` (its posterior-averaged
-``probs``) or a plain probability array ``[N, C]`` (``[N]`` = P(y=1) for binary) and
-integer labels ``[N]``. Regression metrics take a regression ``Prediction`` and targets.
-:func:`evaluate` runs the relevant set in one call; :func:`table` prints results side by
-side. :func:`agreement`, :func:`total_variation` and :func:`wasserstein2` measure how
-closely one posterior's predictive matches a reference one (e.g. a long NUTS run).
+"""Metrics on a :class:`pbnn.Prediction` (or class probabilities ``[N, C]``, ``[N]`` for binary)
+and the targets; :func:`evaluate` runs the relevant set, :func:`table` prints results, and
+:func:`agreement`, :func:`total_variation`, :func:`wasserstein2` compare with a reference posterior.
 
 Example:
     >>> import torch, pbnn

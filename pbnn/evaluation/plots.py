@@ -1,8 +1,5 @@
-"""Calibration plots: reliability diagrams (classification) and calibration curves (regression).
-
-Each function returns a ``matplotlib.figure.Figure`` and saves it as a PNG when given
-``path``. Figures are built without pyplot (no global state, no display needed); they show
-inline in Jupyter like any other figure.
+"""Calibration plots (reliability diagrams, regression calibration curves) as matplotlib Figures
+built without pyplot, saved as PNG when given ``path``.
 
 Example:
     >>> import torch, pbnn, pbnn.plots

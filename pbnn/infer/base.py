@@ -1,16 +1,10 @@
 """What every backend shares: the ``Backend`` interface, shared option groups and the registry.
 
-A backend is a frozen dataclass of its options (declared once, checked on construction)
-plus one method, ``run(potential) -> Posterior``. :func:`pbnn.fit` builds the model's
-:class:`pbnn.potential.Potential` once and calls ``backend.fit(potential)``, which does the
-common set-up: it checks that the backend serves this model kind (``model_kinds``), seeds
-torch's RNG from ``seed`` (broadcast to every rank under ``torch.distributed``) without
-disturbing the caller's RNG, runs the backend in its own Pyro parameter scope, and records
-the wall time. ``@register("name")`` adds the class to ``BACKENDS``; a new backend is one
-file in ``pbnn/infer/`` (see ``docs/writing_a_backend.md``).
-
-Options keep one name per concept across backends. ``renamed`` maps a former option name
-to its new one: the old name keeps working for one release, with a ``DeprecationWarning``.
+A backend is a frozen dataclass of its options plus ``run(potential) -> Posterior``;
+``Backend.fit`` checks the model kind, seeds torch's RNG (broadcast under ``torch.distributed``)
+without disturbing the caller's, runs in a private Pyro parameter scope and records the wall
+time. ``renamed`` keeps former option names working with a ``DeprecationWarning``. See
+``docs/writing_a_backend.md``.
 
 Example:
     >>> import torch, pbnn

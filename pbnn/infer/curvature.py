@@ -1,13 +1,6 @@
-"""Curvature of a BNN's log-likelihood at a point: generalised Gauss-Newton (GGN) full,
-diagonal or Kronecker-factored (KFAC, whose Gaussian is
-:class:`pbnn.approx.KroneckerApproximation`), and output Jacobians.
-
-The GGN of ``-sum_n log p(y_n | f(x_n, theta))`` is ``sum_n J_n^T Lambda_n J_n`` with
-``J_n = d f(x_n) / d theta`` and ``Lambda_n`` the Hessian of the negative log-likelihood in
-the network output ``f`` (which, for Gaussian, Bernoulli and Categorical likelihoods, does not
-depend on ``y`` and is positive semi-definite). pbnn writes ``Lambda_n = L_n L_n^T`` in closed
-form and forms ``(L_n^T J_n)``; Jacobians come from ``torch.func.jacrev`` vmapped over data
-points, KFAC's per-layer factors from autograd with forward hooks on ``nn.Linear`` layers.
+"""Curvature of a BNN's log-likelihood at a point: the generalised Gauss-Newton
+``sum_n J_n^T Lambda_n J_n`` full, diagonal or Kronecker-factored (KFAC), and output
+Jacobians (``torch.func.jacrev`` vmapped over points; ``Lambda_n = L_n L_n^T`` in closed form).
 
 Example:
     >>> import torch, pbnn

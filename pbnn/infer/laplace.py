@@ -1,11 +1,6 @@
-"""Laplace approximation: a Gaussian at the MAP whose precision is the curvature there.
-
-As in laplace-torch (Daxberger et al. 2021, "Laplace Redux"), the weight ``subset`` and the
-curvature structure (``hessian``) are two independent choices, and the ``predictive``
-(linearised GLM or sampled network) a third; the prior precision is the model's prior, a
-number, or tuned by the Laplace marginal likelihood. The Gaussian is a
-:class:`pbnn.approx.Approximation` over the subset's weights (dense / diagonal:
-:class:`~pbnn.approx.FlatApproximation`; KFAC: :class:`~pbnn.approx.KroneckerApproximation`).
+"""Laplace approximation: a Gaussian at the MAP whose precision is the curvature there. As in
+laplace-torch, the weight ``subset``, the curvature ``hessian`` and the ``predictive`` are
+independent choices.
 
 Example:
     >>> import torch, pbnn

@@ -1,13 +1,5 @@
-"""Random-walk Metropolis-Hastings: the textbook MCMC baseline, for small models.
-
-Each step proposes ``z' = z + s * sqrt(v) * N(0, I)`` in the unconstrained space and
-accepts with probability ``min(1, p(z') / p(z))`` (:mod:`pbnn.kernels.mh`). During warm-up
-the per-coordinate scales ``v`` come from the variance of the warm-up draws (in Stan's
-windows) and the global scale ``s`` follows a Robbins-Monro rule towards 23.4% acceptance
-(Roberts, Gelman & Gilks 1997); both are frozen for sampling. Random-walk proposals need
-``O(D)`` steps per independent draw, so expect this to mix slowly on anything but small
-models: use NUTS for BNNs. All chains step together on the model's potential (no gradients
-needed); a hand-written Pyro model is traced once per chain per step.
+"""Random-walk Metropolis-Hastings (:mod:`pbnn.kernels.mh`): the textbook baseline for small
+models. It needs ``O(D)`` steps per independent draw: use NUTS for BNNs.
 
 Example:
     >>> import torch, pbnn

@@ -1,9 +1,5 @@
-"""NUTS and HMC: full-batch Hamiltonian Monte Carlo, several chains, diagnosed.
-
-Both run pbnn's own sampler (:mod:`pbnn.kernels.hmc` in :func:`pbnn.engine.chains.sample_hmc`)
-on the model's potential (:class:`pbnn.potential.Potential`). For a :class:`pbnn.BNN` the
-Pyro model is never traced per leapfrog step, and all chains step together through one
-vectorised gradient; a hand-written Pyro model is traced once per chain per gradient.
+"""NUTS and HMC: full-batch Hamiltonian Monte Carlo on the model's potential
+(:func:`pbnn.engine.chains.sample_hmc`), all chains stepping together.
 
 Example:
     >>> import torch, pbnn

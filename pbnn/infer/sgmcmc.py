@@ -1,15 +1,6 @@
-"""Stochastic-gradient MCMC backends: SGLD, SGHMC, pSGLD and cyclical SGLD / SGHMC.
-
-Each backend runs its update rule and schedule (:mod:`pbnn.kernels.sgmcmc`) through the one
-chain runner (:func:`pbnn.engine.chains.sample_sgmcmc`), one chain after another (spread
-over the ranks under ``torch.distributed``), on the model's potential. Each backend is also a
-Pyro ``MCMCKernel`` for ``pyro.infer.MCMC`` (:class:`SGLDKernel`, ...: thin adapters over the
-same options and kernels); see ``docs/sgmcmc.md``.
-
-Learning-rate convention: ``lr`` (formerly ``step_size``) is the learning rate on the mean
-loss per data point (the form of the cyclical SG-MCMC reference code), so the Langevin step
-of Welling & Teh is ``eps = 2 * lr / N``: it shrinks as ``1 / N`` as the posterior narrows,
-and one default serves data sets of any size once the inputs and targets are standardised.
+"""Stochastic-gradient MCMC backends (SGLD, SGHMC, pSGLD, cyclical SGLD / SGHMC) and their Pyro
+``MCMCKernel`` adapters; see ``docs/sgmcmc.md``. ``lr`` is the learning rate on the per-datum
+loss: the Langevin step is ``eps = 2 * lr / N``.
 
 Example:
     >>> import torch, pbnn

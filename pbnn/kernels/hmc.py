@@ -1,22 +1,7 @@
-"""Hamiltonian kernels: NUTS and static HMC transitions, and their warm-up adaptation.
-
-Everything here works on a *batch of chains* at once: positions are ``z [C, D]`` and the
-target is a :class:`Target` ``z [C, D] -> (logp [C], grad [C, D])``. All chains take their
-leapfrog steps in lockstep, so one vectorised gradient serves every chain; a chain whose
-trajectory has already ended is masked out (its extra arithmetic is cheap next to the
-per-step Python overhead it saves). The loop belongs to the caller
-(:func:`pbnn.engine.chains.run_chains`): a kernel is ``init`` / ``step`` on explicit
-NamedTuple state, in the spirit of BlackJAX.
-
-* :func:`value_and_grad` / :class:`Target`: the batched log density and its gradient
-  (optionally ``torch.compile``'d together with the NUTS leaf).
-* :func:`nuts_step`: one No-U-Turn transition per chain (multinomial sampling inside
-  subtrees, biased progressive sampling at the top, Stan's generalised U-turn criterion
-  including the checks across merged subtrees, divergence at an energy error > 1000).
-* :func:`hmc_step`: one static-length HMC transition per chain.
-* :func:`init` / :func:`step` / :func:`warmup_init` / :func:`adapt`: a sampler's state
-  (:class:`HMCState`), one transition, and Stan's warm-up (dual averaging of the step size,
-  :func:`warmup_windows` for the diagonal mass matrix, :func:`find_step_size`).
+"""Hamiltonian kernels on a batch of chains ``z [C, D]``: NUTS and static HMC transitions and
+Stan's warm-up adaptation, as ``init`` / ``step`` on NamedTuple state (the loop belongs to
+:func:`pbnn.engine.chains.run_chains`). All chains take their leapfrog steps in lockstep
+through one vectorised gradient; a chain whose trajectory has ended is masked out.
 
 Example:
     >>> import torch

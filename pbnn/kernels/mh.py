@@ -1,10 +1,5 @@
-"""Random-walk Metropolis: one step for a batch of chains, and its warm-up adaptation.
-
-Each step proposes ``z' = z + s * sqrt(v) * N(0, I)`` in the unconstrained space and accepts
-with probability ``min(1, p(z') / p(z))``. During warm-up the per-coordinate scales
-``sqrt(v)`` come from the variance of the draws in Stan's windows
-(:func:`pbnn.kernels.hmc.warmup_windows`) and the global scale ``s`` follows a Robbins-Monro
-rule towards 23.4% acceptance (Roberts, Gelman & Gilks 1997); both are frozen for sampling.
+"""Random-walk Metropolis for a batch of chains (proposal ``z + s * sqrt(v) * N(0, I)``), with
+warm-up adaptation of ``v`` (Stan's windows) and ``s`` (Robbins-Monro towards 23.4% acceptance).
 
 Example:
     >>> import torch

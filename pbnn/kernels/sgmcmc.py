@@ -1,25 +1,10 @@
-"""Stochastic-gradient MCMC kernels: update rules, step-size schedules and one transition.
+"""Stochastic-gradient MCMC kernels: pure update rules (:func:`sgld`, :func:`sghmc`, :func:`psgld`),
+step-size schedules (plain functions of the step) and :func:`transition` (gradient steps up to
+the next collection point, with the divergence guard).
 
-As in BlackJAX, the pieces are kept apart:
-
-* **update rules** -- small pure functions on tensors: :func:`sgld_step`,
-  :func:`sghmc_step`, :func:`psgld_step`, and :class:`Rule` (``init`` / ``update`` of the
-  rule's auxiliary state: SGHMC's momentum, pSGLD's squared-gradient average) built by
-  :func:`sgld`, :func:`sghmc`, :func:`psgld`. They are written in the *per-datum-loss* form
-  of the cyclical SG-MCMC reference code: ``grad`` is the gradient of the mean loss per data
-  point, ``L(theta) = -log p~(theta | D) / N`` (minibatch likelihood scaled by ``N / B``,
-  prior included), ``lr`` its learning rate, and the injected noise is
-  ``sqrt(2 * lr * T / N)``. This is Welling & Teh's rule
-  ``theta + (eps / 2) grad log p~ + N(0, eps)`` with ``eps = 2 * lr / N``.
-* **schedules** -- plain functions of the step: :func:`constant`, :func:`polynomial_decay`
-  ``a (b + t)^-gamma``, :func:`cyclical_cosine` (Zhang et al. 2020),
-  :func:`is_exploration` (the first fraction beta of every cycle), and :class:`Schedule`
-  (learning rate, exploration stage and collection points of a sampler).
-* **one transition** -- :func:`transition`: gradient steps up to the next collection point
-  (``thinning`` steps; for the cyclical schedule, to the next collection point of a
-  sampling stage), with the divergence guard. The loop over transitions belongs to the
-  caller (:func:`pbnn.engine.chains.run_chains`, or a Pyro ``MCMCKernel`` in
-  :mod:`pbnn.infer.sgmcmc`).
+Rules take the gradient of the per-datum loss ``L = -log p~(theta | D) / N`` (minibatch
+likelihood scaled by ``N / B``) with learning rate ``lr`` and noise ``sqrt(2 * lr * T / N)``:
+Welling & Teh's rule with ``eps = 2 * lr / N``.
 
 Example:
     >>> import torch

@@ -1,19 +1,8 @@
-"""Fitted Gaussian-like posteriors over the flat unconstrained vector ``z``, kept by a Posterior.
-
-One interface, :class:`Approximation`, for the backends that fit a distribution instead of
-(or besides) drawing samples. It packs sites with the model's own
-:class:`pbnn.potential.SiteLayout` (``(name, unconstrained shape, bijection to the support)``
-per site; a Laplace approximation covers only its weight subset) and offers draws, the log
-density, the mean and ``J Sigma J^T`` (the covariance product the linearised Laplace
-predictive needs). Drawing never needs the Pyro param store or the guide that produced it,
-so a saved Posterior can draw. Implementations:
-
-* :class:`FlatApproximation`: any torch distribution ``q`` over ``z``: SVI guides (diagonal,
-  low-rank, full-rank), dense and diagonal Laplace, SWAG (``q`` a :class:`SWAGNormal`);
-* :class:`KroneckerApproximation`: per ``nn.Linear`` layer precision ``G kron A + delta I``
-  (KFAC Laplace);
-* :class:`SWAGNormal`: low-rank plus diagonal (SWAG's ``scale * (Sigma_diag + D D^T / (K - 1))``,
-  a mixture over independent runs), built from the running :class:`SwagMoments`.
+"""Fitted Gaussian-like posteriors over the flat unconstrained vector ``z`` (:class:`Approximation`):
+draws, log density, mean and ``J Sigma J^T``, packed by the model's
+:class:`pbnn.potential.SiteLayout`. :class:`FlatApproximation` (any torch distribution: SVI
+guides, dense / diagonal Laplace, SWAG), :class:`KroneckerApproximation` (KFAC Laplace),
+:class:`SWAGNormal` (low-rank plus diagonal). Drawing needs no Pyro param store.
 
 Example:
     >>> import torch, pbnn

@@ -1,6 +1,4 @@
-"""The one place pbnn builds an ArviZ object (``az.from_dict``), so an ArviZ change touches
-only this file. ArviZ 0.x takes one keyword per group and returns ``InferenceData``;
-ArviZ 1.x takes a dict of groups and returns an xarray ``DataTree``. Both are handled.
+"""The one place pbnn builds an ArviZ object (``az.from_dict``; ArviZ 0.x and 1.x both handled).
 
 Example:
     >>> import torch, pbnn

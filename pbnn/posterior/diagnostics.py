@@ -1,10 +1,5 @@
-"""Convergence diagnostics of Markov chains: R-hat, bulk ESS and divergences, from ArviZ.
-
-The samplers' backends call :func:`convergence_warning` after a fit; it is the only place
-pbnn computes R-hat and ESS (rank-normalised split R-hat, the max of bulk and folded, and
-bulk ESS, Vehtari et al. 2021, as ``az.rhat`` / ``az.ess`` compute them). ArviZ loops over
-coordinates in Python, about 2 ms per coordinate (a 3,000-weight BNN with 4 x 500 draws:
-~7 s), which is small next to sampling such a model.
+"""Convergence diagnostics from ArviZ: rank-normalised split R-hat, bulk ESS and divergences
+(:func:`convergence_warning`, called by the samplers' backends).
 
 Example:
     >>> import torch
