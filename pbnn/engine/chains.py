@@ -74,11 +74,10 @@ def run_chains(
 ):
     """Run ``warmup + num_samples * thinning`` iterations of ``step(state) -> (state, info)``.
 
-    During warm-up ``adapt(state, info, it)`` returns the adapted state. Afterwards every
-    ``thinning``-th state's ``position`` ``[C, D]`` is kept with that iteration's ``info``
-    (each ``[C]``); the keys in ``averaged`` are averaged over the ``thinning`` iterations
-    instead. ``postfix(state, it, divergences)`` feeds the progress bar every ``every``
-    iterations. Returns ``(draws [C, S, D], stats {name: [C, S]}, final state)``.
+    Warm-up calls ``adapt(state, info, it)``; then every ``thinning``-th ``position(state) [C, D]``
+    is kept with its ``info`` (keys in ``averaged``: the mean over the ``thinning`` iterations).
+    ``postfix(state, it, divergences)`` feeds the progress bar. Returns ``(draws [C, S, D],
+    stats {name: [C, S]}, final state)``.
     """
     draws, stats, sums = [], {}, {}
     div = torch.zeros(position(state).shape[0], dtype=torch.long)
@@ -271,13 +270,10 @@ def init_chains(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Starting points ``z0 [C, D]`` and the fixed point-estimate parameters.
 
-    ``init="net"``: the model's initialisation (a BNN's own network init, prior medians
-    for noise and hyper sites) plus ``N(0, jitter^2)`` noise per chain in the unconstrained
-    space, so the chains differ. ``init="map"``: from there, ``map_steps`` of Adam on each
-    chain's log joint (all chains at once, :func:`pbnn.engine.training.fit_map`), so warm-up
-    starts near a mode. A dict gives site values to start from (plus jitter). Point-estimate
-    parameters cannot be sampled: when the model has any, they are fitted by the same MAP
-    warm start and then held fixed.
+    ``init="net"``: the model's initialisation plus ``N(0, jitter^2)`` per chain (unconstrained);
+    ``"map"``: then ``map_steps`` of Adam on all chains (:func:`pbnn.engine.training.fit_map`); a
+    dict: site values to start from. Point-estimate parameters are fitted by that MAP warm start
+    (also without ``"map"``) and then held fixed.
     """
     base = potential.initial_z()
     if isinstance(init, dict):  # given sites override the default start
@@ -303,11 +299,9 @@ def init_chains(
 
 
 def chain_start(potential, chain: int) -> torch.Tensor:
-    """SG-MCMC chain ``chain``'s start ``[D]``: chain 0 at :meth:`Potential.initial_z`; later
-    chains re-run a BNN's layers' ``reset_parameters()`` (other sites at their initial
-    values) or, for a Pyro model, draw ``U(-2, 2)`` per unconstrained coordinate (Pyro's
-    ``init_to_uniform`` rule); both use torch's global RNG, so seed it for reproducible starts.
-    """
+    """SG-MCMC chain ``chain``'s start ``[D]``: chain 0 at :meth:`Potential.initial_z`; later chains
+    re-run a BNN's ``reset_parameters()`` or draw ``U(-2, 2)`` (Pyro's ``init_to_uniform``), from
+    torch's global RNG."""
     z = potential.initial_z()
     if chain == 0:
         return z
@@ -324,14 +318,11 @@ def chain_start(potential, chain: int) -> torch.Tensor:
 
 
 def warm_start(potential, z: torch.Tensor, *, num_steps: int, batch_size: int | None = None, progress: bool = False):
-    """SG-MCMC's ``init="map"``: ``num_steps`` of Adam (:func:`pbnn.engine.training.fit_map`) on
-    the sampler's own target (the minibatch log joint in the unconstrained space) from ``z``.
+    """SG-MCMC's ``init="map"``: ``num_steps`` of Adam on the sampler's own (minibatch) target from ``z``.
 
-    For a :class:`pbnn.BNN` only the network's weights move: the noise scale and prior
-    hyper-parameters stay at their starting values, because their joint mode is degenerate
-    (a learned noise scale collapses onto the training residuals of an over-parameterised
-    net, where no sampler step size is stable); point-estimate parameters stay at their
-    values, as while sampling. For a hand-written Pyro model every latent site moves.
+    For a :class:`pbnn.BNN` only the weights move: a learned noise scale's joint mode is degenerate
+    (it collapses onto the training residuals, where no step size is stable). For a Pyro model
+    every latent site moves.
     """
     moving = None
     if potential.kind == "bnn":
@@ -356,11 +347,8 @@ def warm_start(potential, z: torch.Tensor, *, num_steps: int, batch_size: int | 
 
 # ---------------------------------------------------------------------------- SG-MCMC gradient
 def sg_gradient(potential, batch_size: int | None, generator: torch.Generator, compile: bool = False, method="sgld"):
-    """``z [D] ->`` gradient of the per-datum minibatch loss ``-log p~(z) / N`` (likelihood
-    scaled by ``N / B``), drawing each minibatch from ``generator`` (None: full batch up to
-    2048 points, else 256). Inside a multi-rank :func:`pbnn.engine.distributed.data_parallel`
-    each rank takes its share of a ``world_size``-times larger batch and the gradients are
-    summed. NaN/inf are not sanitised: they must reach the divergence guard."""
+    """``z [D] ->`` gradient of the per-datum minibatch loss ``-log p~(z) / N``, minibatches drawn
+    from ``generator`` (data-parallel over ranks). NaN/inf must reach the divergence guard."""
     n = len(potential.data)
     batch = resolve_batch_size(batch_size, n)
     potential.require(method, minibatch=batch is not None)

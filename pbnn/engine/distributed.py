@@ -71,12 +71,8 @@ def in_context() -> bool:
 
 @contextlib.contextmanager
 def data_parallel(backend: str | None = None):
-    """Run pbnn's trainers data-parallel over the ranks of the default process group.
-
-    Creates the group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``...) if needed; without those variables and without a group it runs as
-    a single process.
-    """
+    """Run pbnn's trainers data-parallel over the ranks of the default process group (created
+    from torchrun's environment if needed: gloo on CPU, NCCL with CUDA; else a single process)."""
     if not _group_ready() and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
     token = _ACTIVE.set(True)
@@ -110,12 +106,9 @@ def broadcast_seed(seed: int | None) -> int | None:
 def data_parallel_grad(
     log_joint: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, idx: torch.Tensor | None, n: int
 ) -> torch.Tensor:
-    """Gradient in ``z`` of ``log_joint`` on the global minibatch ``idx`` (None: all ``n`` rows).
-
-    ``log_joint(rows)`` must scale the likelihood of ``rows`` by ``n / len(rows)`` (as
-    :class:`pbnn.potential.Potential` does). Each rank takes its share of ``idx``, weights
-    its log joint by the share's size, and the gradients are summed over ranks: the
-    gradient one process computes on all of ``idx``.
+    """Gradient in ``z`` of ``log_joint`` on the global minibatch ``idx`` (None: all ``n`` rows),
+    as one process computes it: each rank weights its share of ``idx`` by its size and the
+    gradients are summed. ``log_joint(rows)`` must scale the likelihood by ``n / len(rows)``.
 
     Example (one process: the whole batch):
         >>> import torch
@@ -135,11 +128,8 @@ def data_parallel_grad(
 
 # ---------------------------------------------------------------------------- parallel chains
 def chain_slice(num_chains: int, *, every_rank: bool = False) -> slice:
-    """This rank's chains: contiguous blocks in rank order, sizes differing by at most one.
-
-    Rank ``r``'s local chain ``i`` is global chain ``slice.start + i``. With
-    ``every_rank=True`` a ValueError is raised when some rank would get no chain (for
-    trainers that cannot run zero members).
+    """This rank's chains: contiguous blocks in rank order, sizes differing by at most one
+    (``every_rank=True``: a ValueError when some rank would get none).
 
     Example (one process: all chains):
         >>> chain_slice(4)
@@ -187,11 +177,8 @@ def all_gather(obj: T) -> list[T]:
 
 
 def gather_chains(obj: T) -> T:
-    """Concatenate every rank's per-chain results along the chain axis, on every rank.
-
-    ``obj`` is a tensor ``[chains, ...]``, or a dict / tuple / dataclass of them (walked
-    recursively), or a list of per-chain items (lists are concatenated). Ranks without
-    chains may pass ``None``. Outside a multi-rank context ``obj`` comes back unchanged.
+    """Concatenate every rank's per-chain results (tensors ``[chains, ...]``, dicts / tuples /
+    dataclasses of them, or lists of per-chain items; ``None`` for no chains) on every rank.
 
     Example (one process):
         >>> import torch
@@ -234,18 +221,12 @@ def mean_over_chains(values: list[float], num_local: int) -> list[float]:
 
 
 def map_chains(run: Callable[[int, torch.Generator], T], num_chains: int, generator: torch.Generator) -> T:
-    """Run chains one by one, spread over the ranks, and gather their results in chain order.
+    """Run chains one by one, spread over the ranks (:func:`chain_slice`, under :func:`rank_local`),
+    and gather their results (leading chain axis of length 1 each) in chain order.
 
-    Seeds for all chains are drawn from ``generator`` (the same on every rank); chain ``c``
-    gets a ``torch.Generator`` seeded from the ``c``-th and runs ``run(c, gen_c)`` with
-    torch's global RNG seeded from it too, so its result depends only on ``generator``'s
-    state and ``c``: one process and any number of ranks give the same chains. ``run``
-    returns per-chain results with a leading chain axis of length 1 (see
-    :func:`gather_chains`).
-
-    Inside a multi-rank context, rank ``r`` runs the chains of :func:`chain_slice` under
-    :func:`rank_local`; with a single chain, every rank runs it with the context left on
-    (so a minibatch sampler computes its gradients data-parallel).
+    Chain ``c`` runs ``run(c, gen_c)`` with its own generator and torch's global RNG seeded
+    from ``generator``'s ``c``-th seeds, so any number of ranks gives the same chains. A single
+    chain runs on every rank with the context left on (data-parallel gradients).
 
     Example (one process, two chains):
         >>> import torch
@@ -272,11 +253,8 @@ def map_chains(run: Callable[[int, torch.Generator], T], num_chains: int, genera
 def run_batched_chains(
     run: Callable[[torch.Tensor, torch.Generator], T], z0: torch.Tensor, generator: torch.Generator
 ) -> T:
-    """``run(z0, generator)`` for a sampler that steps all chains ``z0 [C, D]`` together.
-
-    Inside a distributed context the chains run one at a time through :func:`map_chains`
-    (each with its own generator, spread over the ranks), so any number of ranks gives the
-    same draws; outside it, all chains run in one vectorised batch.
+    """``run(z0, generator)`` for a sampler that steps all chains ``z0 [C, D]`` together; inside a
+    distributed context the chains run one at a time through :func:`map_chains`.
 
     Example (one process):
         >>> import torch

@@ -153,12 +153,8 @@ def rmse(pred: Prediction, y: torch.Tensor) -> float:
 
 
 def nll(pred, y: torch.Tensor, *, moment_matched: bool = False) -> float:
-    """Mean over test points of the negative log predictive density.
-
-    The predictive is the mixture over posterior draws (log-mean-exp of the per-draw
-    densities). ``moment_matched=True`` (regression) scores a Gaussian with the mixture's
-    mean and variance instead. Also accepts class probabilities ``[N, C]`` and labels;
-    probabilities are floored at ``PROB_FLOOR`` so an exact 0 gives a large, finite NLL.
+    """Mean negative log density of the predictive mixture over draws (``moment_matched=True``:
+    of a Gaussian with its mean and variance). Class probabilities are floored at ``PROB_FLOOR``.
 
     Example:
         >>> import pbnn
@@ -193,11 +189,9 @@ def coverage(pred: Prediction, y: torch.Tensor, prob: float = 0.9) -> float:
 
 
 def coverage_test(pred: Prediction, y: torch.Tensor, prob: float = 0.9, alpha: float = 0.01) -> dict:
-    """Is the central ``prob`` interval's coverage consistent with ``prob``? (binomial test)
-
-    Returns ``{"coverage", "expected", "p_value", "verdict"}``; ``verdict`` is
-    ``"under-dispersed"`` (intervals too narrow), ``"over-dispersed"`` (too wide) or
-    ``"ok"`` at level ``alpha``. Assumes the test points are independent.
+    """Binomial test of the central ``prob`` interval's coverage (independent test points):
+    ``{"coverage", "expected", "p_value", "verdict"}``, verdict ``"under-dispersed"`` (too
+    narrow), ``"over-dispersed"`` or ``"ok"`` at level ``alpha``.
 
     Example:
         >>> import torch, pbnn
@@ -219,10 +213,8 @@ def coverage_test(pred: Prediction, y: torch.Tensor, prob: float = 0.9, alpha: f
 
 
 def pit(pred: Prediction, y: torch.Tensor) -> torch.Tensor:
-    """Probability integral transform: the predictive CDF at each target, ``[N]`` / ``[N, D]``.
-
-    Uniform on [0, 1] for a calibrated predictive; U-shaped when it is under-dispersed
-    (overconfident), peaked at 0.5 when over-dispersed.
+    """Probability integral transform: the predictive CDF at each target, ``[N]`` / ``[N, D]``
+    (uniform when calibrated, U-shaped when overconfident).
 
     Example:
         >>> import torch, pbnn
@@ -236,12 +228,8 @@ def pit(pred: Prediction, y: torch.Tensor) -> torch.Tensor:
 
 
 def pit_calibration_curve(pred: Prediction, y: torch.Tensor, num_levels: int = 19) -> tuple[np.ndarray, np.ndarray]:
-    """Regression calibration curve (Kuleshov et al. 2018): ``(expected, observed)``.
-
-    For levels ``p`` evenly spaced in (0, 1), ``observed`` is the fraction of targets whose
-    PIT value is at most ``p`` (i.e. below the predictive ``p``-quantile). A calibrated
-    predictive gives ``observed ~ expected``.
-    """
+    """Regression calibration curve (Kuleshov et al. 2018): for levels ``p`` in (0, 1), the fraction
+    of targets with PIT <= ``p``: ``(expected, observed)``."""
     u = pit(pred, y).reshape(-1).double().numpy()
     levels = np.linspace(0, 1, num_levels + 2)[1:-1]
     observed = (u[None, :] <= levels[:, None]).mean(1) if u.size else np.full(num_levels, np.nan)
@@ -249,9 +237,7 @@ def pit_calibration_curve(pred: Prediction, y: torch.Tensor, num_levels: int = 1
 
 
 def pit_calibration_error(pred: Prediction, y: torch.Tensor, num_levels: int = 19) -> float:
-    """Mean absolute gap between observed and expected levels of :func:`pit_calibration_curve`.
-
-    Zero for a calibrated predictive up to sampling error (about ``0.3 / sqrt(N)``).
+    """Mean absolute gap of :func:`pit_calibration_curve` (calibrated: ~``0.3 / sqrt(N)``).
 
     Example:
         >>> import torch, pbnn
@@ -265,12 +251,8 @@ def pit_calibration_error(pred: Prediction, y: torch.Tensor, num_levels: int = 1
 
 
 def crps(pred: Prediction, y: torch.Tensor, num_samples: int = 1000, seed: int | None = 0) -> float:
-    """Continuous ranked probability score (lower is better), mean over points (and outputs).
-
-    ``CRPS(F, y) = E|X - y| - E|X - X'| / 2`` with ``X, X'`` independent draws of the
-    predictive ``F``, estimated from at least ``num_samples`` predictive draws per point
-    (the unbiased, "fair" estimator). In the units of ``y``; equals the absolute error for
-    a point prediction.
+    """Continuous ranked probability score ``E|X - y| - E|X - X'| / 2`` (fair estimator from at
+    least ``num_samples`` predictive draws per point), mean over points; lower is better.
 
     Example:
         >>> import torch, pbnn
@@ -310,10 +292,8 @@ def accuracy(pred, y) -> float:
 
 
 def brier(pred, y) -> float:
-    """Brier score: mean over points of ``sum_c (p_c - 1[y = c])^2`` (0 is perfect, 2 worst).
-
-    The multi-class definition (Brier 1950); for binary problems it is twice the
-    one-column score ``(p - y)^2``.
+    """Multi-class Brier score: mean of ``sum_c (p_c - 1[y = c])^2`` (0 best, 2 worst; twice the
+    one-column binary score).
 
     Example:
         >>> import pbnn
@@ -421,10 +401,8 @@ def mce(pred, y, num_bins: int = 15, adaptive: bool = False) -> float:
 
 
 def classwise_ece(pred, y, num_bins: int = 15) -> float:
-    """Class-wise ECE (Kull et al. 2019): the ECE of every class's probability, averaged over classes.
-
-    For class ``c``, all points are binned (equal width) by ``p_c`` and the gap is between
-    the mean of ``p_c`` and the frequency of ``y = c`` in each bin.
+    """Class-wise ECE (Kull et al. 2019): the equal-width-binned ECE of each ``p_c`` against
+    ``1[y = c]``, averaged over classes.
 
     Example:
         >>> import pbnn
@@ -491,13 +469,10 @@ def _ood_scores(s, score: str) -> torch.Tensor:
 
 
 def ood_auroc(in_dist, out_dist, score: str = "entropy") -> float:
-    """Area under the ROC curve for telling out-of-distribution points from in-distribution ones.
+    """AUROC for telling OOD points from in-distribution ones (1 perfect, 0.5 chance).
 
-    ``in_dist`` / ``out_dist``: Predictions (scored by ``score``: ``"entropy"``,
-    ``"mutual_information"`` or ``"max_prob"``, i.e. minus the top probability) or arrays
-    of scores where larger means "more likely OOD". Equals the probability that a random
-    OOD point scores higher than a random in-distribution one (ties count half): 1 is
-    perfect separation, 0.5 is chance.
+    ``in_dist`` / ``out_dist``: Predictions scored by ``score`` (``"entropy"``,
+    ``"mutual_information"`` or ``"max_prob"``) or arrays of scores (larger = more OOD).
 
     Example:
         >>> import pbnn
@@ -534,11 +509,8 @@ def _class_prob_pair(pred, reference, x, num_samples, what: str) -> tuple[torch.
 
 
 def agreement(pred, reference, x=None, num_samples: int | None = None) -> float:
-    """Top-1 agreement: fraction of points where both predictives pick the same class.
-
-    ``pred`` / ``reference``: Predictions, probability arrays, or Posteriors (then ``x``
-    is required). The fidelity metric of the NeurIPS 2021 approximate-inference
-    competition (Wilson et al. 2021), with a long NUTS run as the reference.
+    """Top-1 agreement of two predictives (Predictions, probabilities, or Posteriors with ``x``):
+    the fidelity metric of the NeurIPS 2021 approximate-inference competition.
 
     Example:
         >>> import pbnn
@@ -562,12 +534,8 @@ def total_variation(pred, reference, x=None, num_samples: int | None = None) -> 
 
 
 def _quantile_atoms(d: torch.distributions.Distribution, per_draw: int) -> torch.Tensor:
-    """A deterministic ``S * per_draw``-point stand-in for a mixture over draws, sorted: ``[S * L, N, ...]``.
-
-    Each draw's conditional contributes its quantiles at the levels ``(l + 1/2) / L``
-    (for a Normal, the standard-normal ones rescaled to unit variance, so each atom set has
-    exactly the component's mean and variance).
-    """
+    """Sorted atoms ``[S * L, N, ...]`` standing in for the mixture: each draw's quantiles at
+    ``(l + 1/2) / L`` (for a Normal rescaled to the component's exact variance)."""
     loc, scale = d.loc.detach().double(), d.scale.detach().double()
     u = (torch.arange(per_draw, dtype=torch.float64) + 0.5) / per_draw
     u = u.reshape((-1,) + (1,) * loc.dim())
@@ -590,14 +558,9 @@ def _location_scale(pred: Prediction) -> torch.distributions.Distribution:
 
 
 def wasserstein2(pred, reference, x=None, num_samples: int | None = None, per_draw: int = 64) -> float:
-    """Mean over points (and outputs) of the 1-D Wasserstein-2 distance between two regression predictives.
-
-    ``W2(F, G)^2 = int_0^1 (F^-1(u) - G^-1(u))^2 du``. Each predictive mixture is replaced
-    by a deterministic, stratified set of atoms (``per_draw`` quantiles of every draw's
-    conditional), and the W2 distance between the two atom sets is exact (sorted atoms,
-    merged breakpoints). No sampling noise; exact for two Gaussians, and within about 1%
-    for skewed mixtures with the default ``per_draw=64`` (the error falls like 1 / per_draw).
-    Inputs: Predictions, or Posteriors with ``x``. Cost ``O(S * per_draw * N)``.
+    """Mean over points of the 1-D Wasserstein-2 distance between two regression predictives
+    (Predictions, or Posteriors with ``x``), exact between ``per_draw`` quantile atoms per draw:
+    no sampling noise, exact for Gaussians, ~1% for skewed mixtures at ``per_draw=64``.
 
     Example:
         >>> import torch, pbnn
@@ -641,10 +604,8 @@ def evaluate(post, x, y, *, num_samples: int | None = None, num_bins: int = 15, 
         num_bins: bins for the ECE-type metrics.
         seed: seed for fresh draws and the CRPS samples.
 
-    Classification keys: ``accuracy, nll, brier, ece, adaptive_ece, mce, classwise_ece,
-    entropy, mutual_information`` (the last two are means over points). Regression keys:
-    ``rmse, nll, crps, coverage_50, coverage_90, coverage_95, pit_error, mean_sd``.
-    ``nll`` is the mean over test points of the negative log predictive density.
+    Keys: classification ``accuracy, nll, brier, ece, adaptive_ece, mce, classwise_ece, entropy,
+    mutual_information``; regression ``rmse, nll, crps, coverage_50/90/95, pit_error, mean_sd``.
 
     Example:
         >>> import torch, pbnn

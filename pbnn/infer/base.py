@@ -52,8 +52,10 @@ from pbnn.core.options import (
     random_seed,
 )
 from pbnn.core.potential import Potential, accepts_subsample
+from pbnn.engine import chains, distributed
 from pbnn.engine.distributed import broadcast_seed
 from pbnn.engine.training import resolve_batch_size, seeded
+from pbnn.posterior.diagnostics import convergence_warning
 from pbnn.posterior.posterior import Posterior
 
 __all__ = [
@@ -171,6 +173,29 @@ class ChainOptions(Options):
     init_jitter: float = option(0.1, nonneg)
     map_steps: int = option(1000, positive_int)
     warn: bool = True
+
+    # The two steps every chain backend shares (used by Backend subclasses only).
+    def start_chains(self, potential: Potential, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """:func:`pbnn.engine.chains.init_chains` with these options; every rank starts all chains."""
+        with torch.enable_grad(), distributed.rank_local():
+            return chains.init_chains(
+                potential,
+                self.num_chains,
+                self.init,
+                jitter=self.init_jitter,
+                map_steps=self.map_steps,
+                generator=generator,
+                progress=self.progress,
+            )
+
+    def chain_posterior(self, potential: Potential, result, fixed: dict, label: str, diverging=None, **info):
+        """The Posterior of a :class:`pbnn.engine.chains.ChainResult`: ``info`` holds its final
+        values (and, with ``warn``, the convergence diagnostics)."""
+        info = {**result.final, **info}
+        if self.warn:
+            info["diagnostics"] = convergence_warning(result.draws, diverging, label)
+        samples = {k: v.detach() for k, v in potential.layout.constrain(result.draws).items()}
+        return self.posterior(potential, samples, sample_stats=result.stats, fixed=fixed, info=info)
 
 
 # ---------------------------------------------------------------------------- registry

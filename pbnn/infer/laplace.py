@@ -88,8 +88,7 @@ class Laplace(Backend, RunOptions):
         refine: polish a full-batch MAP with L-BFGS so the gradient is ~0 there, as the Laplace
             expansion assumes.
         num_samples: weight draws stored in the Posterior (more can be made).
-        seed: seed for the MAP initialisation, minibatches and draws.
-        progress: show a progress bar for the MAP fit.
+        seed, progress: as in ``RunOptions`` (the progress bar is the MAP fit's).
 
     Example:
         >>> import pbnn
@@ -418,15 +417,10 @@ class LaplacePredictor:
 
 
 class GLMPrediction(Prediction):
-    """The linearised-network (GLM) predictive of a Laplace posterior.
-
-    ``f(x) ~ N(f_mu, F)`` with ``F = J Sigma J^T``. Regression: the predictive is
-    ``N(f_mu, F + sigma^2)`` in closed form (mean, variances, ``log_prob``, ``cdf``,
-    ``quantile``); classification: the probit approximation ``softmax(f_mu / sqrt(1 + pi/8
-    diag(P F P)))`` with ``P = I - 1 1^T / C`` the softmax-invariant centring (``sigmoid(f_mu /
-    sqrt(1 + pi/8 F))`` for Bernoulli) gives ``probs``, ``log_prob`` and ``entropy``. The
-    per-draw quantities (``samples``, ``pointwise_log_likelihood``, ``aleatoric_entropy``)
-    come from draws of the linearised network.
+    """The linearised-network (GLM) predictive of a Laplace posterior, ``f(x) ~ N(f_mu, J Sigma J^T)``:
+    closed form ``N(f_mu, F + sigma^2)`` for regression, the probit approximation (on centred
+    logits, see ``_probit_var``) for classification; per-draw quantities from draws of the
+    linearised network.
 
     Example:
         >>> import torch, pbnn

@@ -22,7 +22,6 @@ from pbnn.core.options import nonneg_int, option, positive, positive_int, probab
 from pbnn.engine import chains, distributed
 from pbnn.infer.base import Backend, ChainOptions, RunOptions, register
 from pbnn.kernels.mh import TARGET_ACCEPT
-from pbnn.posterior.diagnostics import convergence_warning
 
 __all__ = ["MH"]
 
@@ -33,18 +32,14 @@ class MH(Backend, RunOptions, ChainOptions):
     """Random-walk Metropolis-Hastings with scale adaptation during warm-up.
 
     Args:
-        num_samples: draws kept per chain (after thinning).
-        warmup: adaptation steps per chain (discarded).
-        num_chains: chains, stepped together in one vectorised batch.
-        thinning: keep every ``thinning``-th draw (random-walk draws are strongly
+        thinning: keep every ``thinning``-th draw (default 10: random-walk draws are strongly
             autocorrelated; formerly ``thin``).
         proposal_scale: initial proposal scale in the unconstrained space (formerly ``init_scale``).
         target_accept: acceptance rate the scale adaptation aims at (0.234, optimal for
             random-walk proposals in many dimensions).
-        init, init_jitter, map_steps: as for :class:`pbnn.infer.NUTS` (default ``"map"``:
-            random-walk chains are too slow to find a mode on their own).
-        seed, progress, warn: as for :class:`pbnn.infer.NUTS`.
         batch_size: must stay None: MH is full-batch (see ``method="sgld"``).
+        others: as for :class:`pbnn.infer.NUTS` (``init`` default ``"map"``: random-walk chains
+            are too slow to find a mode on their own).
 
     Example:
         >>> import pbnn
@@ -67,16 +62,7 @@ class MH(Backend, RunOptions, ChainOptions):
     def run(self, potential):
         gen = chains.chain_generator()
         with pyro.validation_enabled(False), torch.no_grad():
-            with torch.enable_grad(), distributed.rank_local():  # every rank starts all chains
-                z0, fixed = chains.init_chains(
-                    potential,
-                    self.num_chains,
-                    self.init,
-                    jitter=self.init_jitter,
-                    map_steps=self.map_steps,
-                    generator=gen,
-                    progress=self.progress,
-                )
+            z0, fixed = self.start_chains(potential, gen)
 
             def run(z0, gen):
                 return chains.sample_mh(
@@ -93,8 +79,4 @@ class MH(Backend, RunOptions, ChainOptions):
                 )
 
             result = distributed.run_batched_chains(run, z0, gen)
-        info = dict(result.final)
-        if self.warn:
-            info["diagnostics"] = convergence_warning(result.draws, None, "MH")
-        samples = {k: v.detach() for k, v in potential.layout.constrain(result.draws).items()}
-        return self.posterior(potential, samples, sample_stats=result.stats, fixed=fixed, info=info)
+        return self.chain_posterior(potential, result, fixed, "MH")

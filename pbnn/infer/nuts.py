@@ -21,7 +21,6 @@ from pbnn.core.options import one_of, option, optional, positive, positive_int, 
 from pbnn.engine import chains, distributed
 from pbnn.infer.base import Backend, ChainOptions, RunOptions, register
 from pbnn.kernels.hmc import value_and_grad
-from pbnn.posterior.diagnostics import convergence_warning
 
 __all__ = ["NUTS", "HMC"]
 
@@ -46,16 +45,7 @@ class _Hamiltonian(Backend, RunOptions, ChainOptions):
         gen = chains.chain_generator()
         # Sampling never needs argument validation, and it costs time on every step.
         with pyro.validation_enabled(False):
-            with distributed.rank_local():  # every rank starts all chains (the same MAP warm start)
-                z0, fixed = chains.init_chains(
-                    potential,
-                    self.num_chains,
-                    self.init,
-                    jitter=self.init_jitter,
-                    map_steps=self.map_steps,
-                    generator=gen,
-                    progress=self.progress,
-                )
+            z0, fixed = self.start_chains(potential, gen)
             iterations = self.warmup + self.num_samples * self.thinning
             compile = potential.kind == "bnn" and chains.should_compile(self.compile, iterations)
             fn = value_and_grad(lambda z: potential.log_joint_batch(z, None, fixed), compile=compile)
@@ -76,11 +66,7 @@ class _Hamiltonian(Backend, RunOptions, ChainOptions):
                 )
 
             result = distributed.run_batched_chains(run, z0, gen)
-        info = dict(result.final)
-        if self.warn:
-            info["diagnostics"] = convergence_warning(result.draws, result.stats["diverging"], self.name.upper())
-        samples = {k: v.detach() for k, v in potential.layout.constrain(result.draws).items()}
-        return self.posterior(potential, samples, sample_stats=result.stats, fixed=fixed, info=info)
+        return self.chain_posterior(potential, result, fixed, self.name.upper(), result.stats["diverging"])
 
 
 @register("nuts")
@@ -89,28 +75,21 @@ class NUTS(_Hamiltonian):
     """The No-U-Turn sampler (Hoffman & Gelman 2014, in Stan's multinomial form).
 
     Args:
-        num_samples: draws kept per chain.
         warmup: warm-up iterations per chain (discarded): step size by dual averaging,
-            diagonal mass matrix in Stan's windows.
-        num_chains: chains, run together in one vectorised batch.
-        thinning: keep every ``thinning``-th draw (default 1).
+            diagonal mass matrix in Stan's windows. All chains run in one vectorised batch.
         target_accept: mean acceptance probability that step-size adaptation aims at; raise it
             (0.9, 0.95) when there are divergences.
         max_tree_depth: at most ``2**max_tree_depth`` leapfrog steps per draw.
-        init: ``"net"`` (the network's own initialisation, jittered per chain), ``"map"``
-            (then ``map_steps`` of Adam per chain first), or a dict of site values.
-        init_jitter: standard deviation of the per-chain jitter in the unconstrained space.
-        map_steps: Adam steps of the MAP warm start (used for ``init="map"`` and to fit
-            deterministic parameters, which the sampler then holds fixed).
-        seed: seed for initialisation, momenta and proposals (None: torch's global RNG).
-        progress: tqdm bar with each chain's step size and divergence count.
-        warn: after the fit, warn when R-hat > 1.01, bulk ESS is low or transitions diverged
-            (:func:`pbnn.posterior.diagnostics.convergence_warning`; numbers in ``info["diagnostics"]``).
+        init: as in ``ChainOptions``, or a dict of site values; ``map_steps`` also fits
+            deterministic parameters, which the sampler then holds fixed.
+        warn: warn when R-hat > 1.01, bulk ESS is low or transitions diverged (numbers in
+            ``info["diagnostics"]``).
         batch_size: must stay None: NUTS is full-batch (see ``method="sgld"`` / ``"sghmc"``).
         compile: ``torch.compile`` the gradient of a BNN's potential together with the NUTS
             leaf (:class:`pbnn.kernels.hmc.Target`): ``True``, ``False`` or ``"auto"`` (compile
-            runs of at least ``pbnn.engine.chains.COMPILE_MIN_ITERATIONS`` iterations, where the
-            ~10 s of compilation is repaid many times over); a Pyro model runs eagerly.
+            runs of at least ``pbnn.engine.chains.COMPILE_MIN_ITERATIONS`` iterations); a Pyro model
+            runs eagerly.
+        others: as in ``ChainOptions`` and ``RunOptions``.
 
     Example:
         >>> import pbnn
@@ -138,9 +117,7 @@ class HMC(_Hamiltonian):
             step size by up to +-20% so trajectories are not periodic.
         adapt_step_size: dual averaging towards ``target_accept`` during warm-up.
         adapt_mass_matrix: diagonal mass matrix from the warm-up draws (Stan's windows).
-        others: ``num_samples``, ``warmup``, ``num_chains``, ``thinning``, ``target_accept``,
-            ``init``, ``init_jitter``, ``map_steps``, ``seed``, ``progress``, ``warn``,
-            ``batch_size`` and ``compile`` mean what they mean for :class:`NUTS`.
+        others: as for :class:`NUTS`.
 
     Example:
         >>> import pbnn

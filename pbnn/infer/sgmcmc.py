@@ -26,7 +26,6 @@ from pbnn.engine import chains, distributed
 from pbnn.engine.training import resolve_batch_size
 from pbnn.infer.base import Backend, ChainOptions, RunOptions, register
 from pbnn.kernels import sgmcmc
-from pbnn.posterior.diagnostics import convergence_warning
 
 __all__ = [
     "SGLD",
@@ -122,11 +121,7 @@ class _SGMCMC(Backend, RunOptions, ChainOptions):
         # Distributed: several chains are spread over the ranks; one chain runs on every rank
         # with data-parallel gradients and the same noise (see pbnn.distributed).
         result = distributed.map_chains(run, self.num_chains, chains.chain_generator())
-        info = {"gradient_steps": result.final["gradient_steps"], "lr": self.lr}
-        if self.warn:
-            info["diagnostics"] = convergence_warning(result.draws, None, type(self).__name__)
-        samples = {k: v.detach() for k, v in potential.layout.constrain(result.draws).items()}
-        return self.posterior(potential, samples, sample_stats=result.stats, fixed=potential.fixed, info=info)
+        return self.chain_posterior(potential, result, potential.fixed, type(self).__name__, lr=self.lr)
 
 
 @register("sgld")
@@ -141,8 +136,6 @@ class SGLD(_SGMCMC):
     direction of per-datum curvature ``lambda``.
 
     Args:
-        num_samples: draws kept per chain.
-        warmup: transitions discarded at the start of each chain (burn-in).
         num_chains: chains, run one after another; chain 0 starts at the network's own
             initialisation, later chains at a fresh ``reset_parameters()`` draw.
         lr: learning rate on the per-datum loss (formerly ``step_size``); the Langevin step
@@ -161,19 +154,11 @@ class SGLD(_SGMCMC):
             steps over all chains, where the ~10 s of compilation pays off); ignored for Pyro models.
         schedule: ``"constant"`` or ``"polynomial"``: ``a (b + t)^-gamma`` with
             ``b = decay_b``, ``gamma = decay_gamma`` and ``a`` such that step 0 has ``lr``.
-        seed: seed for the noise, minibatches and chain starts.
-        progress: a progress bar per chain.
-        init: ``"net"`` (default: each chain starts at its own initialisation, see
-            ``num_chains``) or ``"map"``: from there, ``map_steps`` of Adam on the same target
-            and minibatches first (:func:`pbnn.engine.chains.warm_start`: a BNN's weights only,
-            its noise scale stays at the prior median), so the chain starts near a mode and
-            burn-in is short; ``"auto"``: ``"map"`` for a BNN without a learned noise scale
-            (classification, fixed-noise regression), ``"net"`` otherwise.
-        map_steps: Adam steps of the ``init="map"`` warm start (default 3000, as ``method="map"``).
-        init_jitter: standard deviation of ``N(0, jitter^2)`` noise added to each chain's start
-            in the unconstrained space (default 0).
-        warn: warn when R-hat or ESS say the chains did not converge (default False; numbers
-            in ``info["diagnostics"]``).
+        init: ``"net"`` (default, see ``num_chains``) or ``"map"``: first ``map_steps`` (3000) of
+            Adam on the same target and minibatches (:func:`pbnn.engine.chains.warm_start`: a
+            BNN's weights only); ``"auto"``: ``"map"`` for a BNN without a learned noise scale.
+        others: as in ``ChainOptions`` and ``RunOptions`` (``init_jitter`` default 0, ``warn``
+            default False).
 
     The Posterior's ``sample_stats["step_size"]`` holds the learning rate of the step
     that produced each draw; there is no acceptance rate (SG-MCMC has no accept step).
@@ -359,24 +344,16 @@ class CyclicalSGHMC(_Cyclical):
 
 # ---------------------------------------------------------------------------- Pyro MCMCKernel adapters
 class SGMCMCKernel(MCMCKernel):
-    """A backend's sampler as a Pyro ``MCMCKernel``, so ``pyro.infer.MCMC`` runs it (progress
-    bar, ``hook_fn``, ``summary``): a thin adapter over the backend's declared options and
-    :func:`pbnn.kernels.sgmcmc.transition`.
-
-    The kernel owns its data (given to ``MCMC.run(x, y)``), builds the model's potential
-    from it, draws its own minibatches and keeps the sampler's state; one ``sample`` call is
-    one transition (``thinning`` gradient steps; for the cyclical kernels, up to the next
-    collection point of a sampling stage). ``warmup_steps`` and ``num_samples`` count
-    transitions. ``stats`` holds each kept draw's learning rate (and cycle).
+    """A backend's sampler as a Pyro ``MCMCKernel`` for ``pyro.infer.MCMC``: a thin adapter over
+    the backend's options and :func:`pbnn.kernels.sgmcmc.transition`. It owns its data
+    (``MCMC.run(x, y)``) and minibatches; one ``sample`` call is one transition, and ``stats``
+    holds each kept draw's learning rate (and cycle).
 
     Args:
         model: a :class:`pbnn.BNN` or a Pyro model ``model(x, y=None, subsample=None)``.
-        lr: learning rate on the per-datum loss (formerly ``step_size``, still accepted with
-            a DeprecationWarning).
-        options: the backend's (``batch_size``, ``thinning`` (default 1 here), ``temperature``,
-            ``schedule``, ``decay_b``, ``decay_gamma``, ``friction``, ``alpha``, ``eps``,
-            ``cycle_length``, ``num_cycles``, ``exploration``, ``seed``: the kernel's own
-            generator; ``compile`` (default False here)).
+        lr: learning rate on the per-datum loss (formerly ``step_size``).
+        options: the backend's options (``thinning`` and ``compile`` default 1 and False here;
+            ``seed`` seeds the kernel's own generator).
 
     Example:
         >>> import torch, pyro, pbnn

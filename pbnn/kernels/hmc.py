@@ -53,15 +53,10 @@ MAX_ENERGY_ERROR = 1000.0  # Stan's divergence threshold on H(z, r) - H(z0, r0)
 class Target:
     """A batched log density and its gradient: ``target(z [C, D]) -> (logp [C], grad [C, D])``.
 
-    Non-finite densities become ``-inf`` with a zero gradient, so a step into a region
-    where the model overflows counts as a divergence instead of poisoning the chain.
-
-    With ``compile=True`` the samplers ``torch.compile`` their inner step *together with*
-    the gradient (built with ``torch.func.grad_and_value``): forward, backward and the
-    leapfrog arithmetic become one fused graph, so a small BNN's leapfrog step costs tens of
-    microseconds instead of a millisecond of eager-mode overhead, for about ten seconds
-    of compilation. If compilation fails (e.g. no C++ compiler), pbnn warns once and runs
-    eagerly.
+    Non-finite densities become ``-inf`` with a zero gradient (a divergence, not a poisoned chain).
+    ``compile=True`` fuses the gradient with the sampler's inner step in one ``torch.compile``
+    graph (tens of microseconds per leapfrog step instead of a millisecond, for ~10 s of
+    compilation); if compilation fails, pbnn warns once and runs eagerly.
     """
 
     def __init__(self, log_density: Callable[..., torch.Tensor], compile: bool = False, sanitise: bool = True) -> None:
@@ -201,14 +196,9 @@ def _checkpoint_tables(max_tree_depth: int, compiled: bool) -> list[tuple]:
 
 
 def _leaf_step(grad: GradFn, compiled: bool):
-    """The work of one leaf of a NUTS subtree, as one function of tensors (so that
-    ``torch.compile`` can fuse it with the gradient): a leapfrog step for the chains still
-    running, progressive multinomial sampling of the subtree's proposal, the running
-    momentum sum, U-turn checkpoints, and the divergence / U-turn stop.
-
-    Compiled, the checkpoint bookkeeping uses masks over all ``K`` checkpoints (fixed shapes:
-    one graph for every leaf); eagerly it indexes only the checkpoints this leaf touches.
-    """
+    """One leaf of a NUTS subtree as one function of tensors (compilable with the gradient): a
+    leapfrog step for the running chains, progressive multinomial sampling, the momentum sum,
+    U-turn checkpoints (compiled: masks over all ``K``; eager: only this leaf's) and the stop."""
 
     def leaf(state: tuple, ck: tuple, u, leaf_index: int, v_eps, inv_mass, H0):
         z, r, g, lp, ps, zp, lpp, gp, log_w, rho, sum_acc, n, div, running, r_first, ps_first = state
@@ -264,14 +254,9 @@ def _leaf_step(grad: GradFn, compiled: bool):
 def _build_subtree(
     leaf, compiled: bool, start: dict, v_eps, depth: int, H0, active, inv_mass, gen, max_tree_depth: int
 ) -> dict:
-    """A subtree of up to ``2**depth`` leapfrog steps from ``start``, built iteratively.
-
-    Returns the far end (``z, r, g, lp, ps``), the first leaf's momentum (``r_first``,
-    ``ps_first``), a proposal drawn multinomially (``zp, lpp, gp``), the log of its summed
-    weights ``log_w``, the summed momenta ``rho``, ``stop`` (U-turn or divergence inside),
-    ``div``, the summed acceptance statistic and the number of leapfrog steps (both counted
-    for active chains only).
-    """
+    """A subtree of up to ``2**depth`` leapfrog steps from ``start``, built iteratively: its far
+    end, first leaf's momentum, multinomial proposal, ``log_w``, ``rho``, ``stop``, ``div``,
+    summed acceptance statistic and step count (the keys of ``_LEAF_STATE``)."""
     z = start["z"]
     C, D = z.shape
     K = max(max_tree_depth, 1)
@@ -292,13 +277,9 @@ def _build_subtree(
 
 
 def nuts_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, max_tree_depth: int = 10):
-    """One NUTS transition for every chain.
-
-    The trajectory doubles up to ``max_tree_depth`` times in a random direction; each new
-    subtree is built iteratively, leaf by leaf, with U-turn checkpoints (Phan et al. 2019),
-    so one leaf is one (compilable) function call; subtrees are merged by biased
-    progressive sampling with Stan's generalised U-turn criterion, including its checks
-    across the merged halves.
+    """One NUTS transition for every chain: the trajectory doubles up to ``max_tree_depth`` times;
+    subtrees are built leaf by leaf with U-turn checkpoints (Phan et al. 2019) and merged by
+    biased progressive sampling with Stan's generalised U-turn criterion.
 
     Args:
         z, lp, g: current positions ``[C, D]``, log densities ``[C]`` and gradients ``[C, D]``.
