@@ -36,6 +36,7 @@ from collections.abc import Callable
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import ComposeTransform, Transform, biject_to, constraints
 
 from pbnn.core.data import Data
@@ -324,6 +325,8 @@ class PyroPotential(Potential):
             trace = poutine.trace(model).get_trace(data.x, data.y)
             sites, init = [], {}
             for name, site in trace.iter_stochastic_nodes():
+                if site_is_subsample(site):  # a plate's subsample indices, not a latent site
+                    continue
                 t = biject_to(site["fn"].support)
                 init[name] = pyro.infer.autoguide.initialization.init_to_median(site).detach()
                 sites.append((name, t.inv(init[name]).shape, t))
