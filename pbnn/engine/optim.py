@@ -366,7 +366,8 @@ def fit_map(
     if batched and not jacobian:
         raise ValueError("fit_map of several points optimises the unconstrained density: pass jacobian=True")
     z = start.detach().clone().requires_grad_(True)
-    fixed = {k: v.detach().clone().requires_grad_(train_fixed) for k, v in (potential.fixed if fixed is None else fixed).items()}
+    fixed = potential.fixed if fixed is None else fixed
+    fixed = {k: v.detach().clone().requires_grad_(train_fixed) for k, v in fixed.items()}
     if moving is not None:
         keep = ~moving.to(torch.bool)
         z.register_hook(lambda g: g.masked_fill(keep, 0.0))

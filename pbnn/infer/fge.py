@@ -93,7 +93,9 @@ class FGE(Backend, RunOptions):
     def validate(self) -> None:
         super().validate()
         if self.cycle_length is not None and self.cycle_length % 2:
-            raise ValueError(f"cycle_length must be even (snapshots are taken at its midpoint), got {self.cycle_length}")
+            raise ValueError(
+                f"cycle_length must be even (snapshots are taken at its midpoint), got {self.cycle_length}"
+            )
         if self.lr_min > self.lr_max:
             raise ValueError(f"lr_min ({self.lr_min}) must not exceed lr_max ({self.lr_max})")
 

@@ -198,5 +198,7 @@ class SVI(Backend, RunOptions, OptimOptions):
             return -(log_p - q.log_prob(z)).mean()
 
         if self.estimator != "reparam":  # per-example weight noise in Linear / Conv layers
-            negative_elbo = local_negative_elbo(potential, guide.get_posterior, fixed, self.estimator, self.num_particles)
+            negative_elbo = local_negative_elbo(
+                potential, guide.get_posterior, fixed, self.estimator, self.num_particles
+            )
         return negative_elbo, params, fixed
