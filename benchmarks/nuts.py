@@ -37,7 +37,7 @@ from pyro.nn import PyroModule, PyroSample
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pbnn
 import pbnn  # noqa: E402
-import pbnn.engine.mcmc  # noqa: E402
+import pbnn.kernels.hmc  # noqa: E402
 
 
 def make_data(seed: int = 0):
@@ -163,7 +163,7 @@ def time_gradient(net, x, y, n=200):
     out = {}
     with pyro.validation_enabled(False):
         for compiled in (False, True):
-            fn = pbnn.engine.mcmc.value_and_grad(pot.log_joint_batch, compile=compiled)
+            fn = pbnn.kernels.hmc.value_and_grad(pot.log_joint_batch, compile=compiled)
             for chains in (1, 4):
                 z = pot.initial_z()[None].repeat(chains, 1)
                 fn(z), fn(z)  # compile / warm up

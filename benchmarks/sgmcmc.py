@@ -15,7 +15,7 @@ import time
 import torch
 
 import pbnn
-from pbnn.engine.sgmcmc import CyclicalSGLDKernel, SGHMCKernel, SGLDKernel
+from pbnn.infer.sgmcmc import CyclicalSGLDKernel, SGHMCKernel, SGLDKernel
 
 
 def make_net():
@@ -45,7 +45,7 @@ def main():
 
     net = make_net()
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    batches = pbnn.engine.training.batch_indices(len(x), batch, g)
+    batches = pbnn.engine.optim.batch_indices(len(x), batch, g)
 
     def sgd_step():
         idx = next(batches)
@@ -67,11 +67,17 @@ def main():
         }
         for name, k in kernels.items():
             k.setup(0, x, y)
-            state = {"z": k._z}
 
-            def step(k=k, state=state):
-                k._step += 1
-                state["z"] = k._one_step(state["z"], k._schedule(k._step), not k._exploring(k._step))
+            def step(k=k):  # one gradient step of pbnn.kernels.sgmcmc.transition
+                z, aux, i, _ = k._state
+                i += 1
+                lr, noisy = k._sched.lr(i), not k._sched.exploring(i)
+                grad = k._grad(z)
+                noise = torch.randn(z.shape, generator=k._generator) if noisy else None
+                with torch.no_grad():
+                    z, aux = k._rule.update(z, aux, grad, lr, noise)
+                torch.isfinite(z).all()  # the divergence check
+                k._state = k._state._replace(z=z, aux=aux, step=i, lr=lr)
 
             t0 = time.perf_counter()
             step()  # with compile=True: compilation happens here (reported, not in the step time)

@@ -26,7 +26,20 @@ from pbnn.posterior import Posterior, Prediction, approx, arviz_io
 
 # The layers live in sub-packages (core, kernels, engine, posterior, infer, evaluation, apps);
 # the modules users import by their short names stay importable as ``pbnn.<name>``.
-for _module in (approx, arviz_io, bench, calibration, data, datasets, distributed, likelihoods, metrics, plots, potential, priors):
+for _module in (
+    approx,
+    arviz_io,
+    bench,
+    calibration,
+    data,
+    datasets,
+    distributed,
+    likelihoods,
+    metrics,
+    plots,
+    potential,
+    priors,
+):
     _sys.modules[f"pbnn.{_module.__name__.rsplit('.', 1)[-1]}"] = _module
 del _module
 

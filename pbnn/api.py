@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from pbnn.core.data import validate
 from pbnn.core.potential import Potential
+from pbnn.engine.distributed import data_parallel
 from pbnn.infer.base import Backend, make_backend
 from pbnn.posterior.posterior import Posterior
 
@@ -64,8 +65,6 @@ def fit(model, x, y, method: str | Backend = "svi", *, distributed: bool = False
     data = validate(model, x, y)
     if not distributed:
         return _fit(backend, model, data)
-    from pbnn.engine.distributed import data_parallel
-
     with data_parallel():
         return _fit(backend, model, data)
 

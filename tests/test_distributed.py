@@ -129,7 +129,7 @@ def test_pyro_models_refuse_accumulation():
 CHAIN_CASES = {
     # 3 chains over 2 ranks: an uneven split (2 + 1) checks the chain offsets
     "nuts": dict(method="nuts", num_chains=3, num_samples=15, warmup=15, max_tree_depth=4, map_steps=30, warn=False),
-    "hmc": dict(method="hmc", num_chains=2, num_samples=10, warmup=10, num_steps=5, init="net", warn=False),
+    "hmc": dict(method="hmc", num_chains=2, num_samples=10, warmup=10, num_leapfrog_steps=5, init="net", warn=False),
     "mh": dict(method="mh", num_chains=3, num_samples=20, warmup=20, init="net", warn=False),
     "ensemble": dict(method="ensemble", num_members=3, num_steps=30, bootstrap=True),
     "multiswag": dict(method="multiswag", num_members=3, map_steps=20, num_steps=40, num_samples=4, rank=3),

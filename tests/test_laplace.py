@@ -453,3 +453,59 @@ def test_auto_subset_is_last_layer_for_classification_and_all_for_regression(mak
     )
     post = pbnn.fit(first_only, x, y, method="laplace", **FAST)
     assert post.info["subset"] == "all" and sorted(post.samples) == ["0.bias", "0.weight"]
+
+
+# ---------------------------------------------------------------- the approximation interface
+def test_full_hessian_where_float32_round_off_makes_it_asymmetric():
+    # torch's MultivariateNormal rejects a precision asymmetric beyond 1e-6 (this one crashed before);
+    # for a linear model with a Gaussian likelihood the exact Hessian is the GGN.
+    g = torch.Generator().manual_seed(0)
+    x = torch.linspace(-2, 2, 40)[:, None]
+    y = torch.sin(2 * x[:, 0]) + 0.1 * torch.randn(40, generator=g)
+    model = pbnn.BNN(torch.nn.Linear(1, 1), prior=pbnn.priors.Normal(0, 1.0), likelihood=pbnn.likelihoods.Gaussian(0.3))
+    full, ggn = (
+        pbnn.fit(model, x, y, method="laplace", hessian=h, prior_precision="prior", **FAST) for h in ("full", "ggn")
+    )
+    assert full.info["hessian"] == "full"
+    cov_full, cov_ggn = full.approximation.q.covariance_matrix, ggn.approximation.q.covariance_matrix
+    assert torch.allclose(cov_full, cov_ggn, rtol=1e-4)
+
+
+def test_approximations_agree_with_the_dense_gaussian_they_stand_for():
+    from pbnn.approx import FlatApproximation, KroneckerApproximation, SWAGNormal
+    from torch.distributions import Independent, MultivariateNormal, Normal
+
+    g = torch.Generator().manual_seed(0)
+    G, A = (torch.randn(k, k, generator=g) for k in (2, 3))
+    G, A = G @ G.T, A @ A.T
+    mean = {"w": torch.randn(2, 2, generator=g), "b": torch.randn(2, generator=g)}
+    q = KroneckerApproximation([("", "w", "b")], mean, {"": (G, A)}, {"": 0.5})
+    order = torch.tensor([0, 1, 3, 4, 2, 5])  # z = (W row-major, b) -> [W | b] row-major
+    prec = (torch.kron(G, A).double() + 0.5 * torch.eye(6, dtype=torch.double))[order][:, order]
+    dense = MultivariateNormal(q.loc.double(), precision_matrix=prec)
+    z, J = torch.randn(5, 6, generator=g), torch.randn(4, 3, 6, generator=g)
+    ref = J.double() @ dense.covariance_matrix @ J.double().mT
+    assert torch.allclose(q.log_prob(z), dense.log_prob(z.double()), atol=1e-8)
+    assert torch.allclose(q.functional_covariance(J), ref, atol=1e-8)
+    assert torch.allclose(FlatApproximation(dense, q.layout).functional_covariance(J), ref, atol=1e-8)
+    assert torch.allclose(q.mean["b"], q.mean_values["b"]) and set(q.sample(3, seed=1)) == {"w", "b"}
+    with torch.random.fork_rng():
+        state = torch.get_rng_state()
+        a, b = q.sample(7, seed=1), q.sample(7, seed=1)
+        assert torch.equal(torch.get_rng_state(), state) and torch.equal(a["w"], b["w"])
+    draws = q.layout.join(q.sample(20000, seed=0)).double()
+    assert torch.allclose(draws.var(0), dense.covariance_matrix.diagonal(), rtol=0.05)
+    scale = torch.rand(6, generator=g) + 0.1
+    diag = FlatApproximation(Independent(Normal(q.loc, scale), 1), q.layout)
+    assert torch.allclose(diag.functional_covariance(J), J.double() @ torch.diag(scale.double() ** 2) @ J.double().mT)
+    # SWAG: a mixture of two low-rank-plus-diagonal runs
+    mean, d = torch.randn(2, 6, generator=g), torch.rand(2, 6, generator=g) + 0.1
+    dev = torch.randn(2, 6, 3, generator=g)
+    s = SWAGNormal(mean, d, dev, 0.5)
+    runs = [MultivariateNormal(mean[m], s.covariance_matrix_of_run(m)) for m in range(2)]
+    mix = torch.logsumexp(torch.stack([r.log_prob(z) for r in runs]), 0) - math.log(2)
+    assert torch.allclose(s.log_prob(z), mix, atol=1e-5)
+    between = (mean - mean.mean(0)).T @ (mean - mean.mean(0)) / 2
+    assert torch.allclose(s.covariance_matrix, (runs[0].covariance_matrix + runs[1].covariance_matrix) / 2 + between)
+    flat = FlatApproximation(s, q.layout)
+    assert torch.allclose(flat.functional_covariance(J), J.double() @ s.covariance_matrix.double() @ J.double().mT)

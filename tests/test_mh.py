@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pbnn
-from pbnn.engine.mcmc import ess_bulk
+from pbnn.posterior.diagnostics import ess_bulk
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +20,7 @@ def one_thread():
 def test_conjugate_and_acceptance(conjugate):
     c = conjugate
     model = pbnn.BNN(torch.nn.Linear(2, 1), pbnn.priors.Normal(0.0, c["alpha"]), pbnn.likelihoods.Gaussian(c["sigma"]))
-    opts = dict(num_samples=500, warmup=1000, thin=4, init="net", seed=0, progress=False)
+    opts = dict(num_samples=500, warmup=1000, thinning=4, init="net", seed=0, progress=False)
     post = pbnn.fit(model, c["x"], c["y"], method="mh", **opts)
     acc = post.sample_stats["acceptance_rate"]
     assert acc.shape == (4, 500)
@@ -50,7 +50,7 @@ def test_pyro_model_through_random_walk_kernel(conjugate):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("obs", dist.Normal(x @ w + b, c["sigma"]), obs=y)
 
-    post = pbnn.fit(model, c["x"], c["y"], method="mh", num_samples=100, warmup=300, num_chains=1, thin=2,
+    post = pbnn.fit(model, c["x"], c["y"], method="mh", num_samples=100, warmup=300, num_chains=1, thinning=2,
                     seed=0, progress=False, warn=False)  # fmt: skip
     assert post.samples["w"].shape == (1, 100, 2)
     acc = post.sample_stats["acceptance_rate"]

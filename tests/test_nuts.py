@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import pbnn
-from pbnn.engine.mcmc import ess_bulk, sample_chains, value_and_grad
+from pbnn.engine.chains import sample_hmc as sample_chains
+from pbnn.kernels.hmc import value_and_grad
+from pbnn.posterior.diagnostics import ess_bulk
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +61,7 @@ def _theta(post) -> torch.Tensor:
 def test_conjugate_linear_regression(conjugate, method):
     c = conjugate
     model = pbnn.BNN(torch.nn.Linear(2, 1), pbnn.priors.Normal(0.0, c["alpha"]), pbnn.likelihoods.Gaussian(c["sigma"]))
-    opts = {"num_steps": 8} if method == "hmc" else {}
+    opts = {"num_leapfrog_steps": 8} if method == "hmc" else {}
     post = pbnn.fit(
         model, c["x"], c["y"], method=method, num_samples=250, warmup=200, num_chains=6, seed=1, progress=False,
         init="net", warn=False, **opts,
@@ -194,9 +196,21 @@ def test_pyro_model_through_pyro_nuts(conjugate):
 def test_init_dict_starts_there(make_net):
     model, x, y = _small_bnn(make_net)
     start = {"sigma": torch.tensor(0.3)}
-    post = pbnn.fit(model, x, y, method="hmc", init=start, init_jitter=0.0, num_samples=2, warmup=0, num_steps=1,
-                    step_size=1e-4, adapt_step_size=False, num_chains=1, progress=False, warn=False)  # fmt: skip
+    post = pbnn.fit(model, x, y, method="hmc", init=start, init_jitter=0.0, num_samples=2, warmup=0,
+                    num_leapfrog_steps=1, step_size=1e-4, adapt_step_size=False, num_chains=1, progress=False,
+                    warn=False)  # fmt: skip
     # One leapfrog step of size 1e-4 cannot move sigma far from where the chain started.
     assert abs(float(post.samples["sigma"][0, 0]) - 0.3) < 0.01
     with pytest.raises(ValueError, match="unknown sites"):
         pbnn.fit(model, x, y, method="nuts", init={"bogus": torch.zeros(1)}, progress=False)
+
+
+def test_old_option_names_warn_and_still_work():
+    with pytest.warns(DeprecationWarning, match="num_steps= is now num_leapfrog_steps="):
+        assert pbnn.infer.HMC(num_steps=7).num_leapfrog_steps == 7
+    with pytest.warns(DeprecationWarning, match="thin= is now thinning="):
+        assert pbnn.infer.make_backend("mh", thin=3).thinning == 3
+    with pytest.warns(DeprecationWarning, match="init_scale= is now proposal_scale="):
+        assert pbnn.infer.MH(init_scale=0.2).proposal_scale == 0.2
+    with pytest.warns(DeprecationWarning, match="step_size= is now lr="):
+        assert pbnn.infer.make_backend("csghmc", step_size=0.01).lr == 0.01

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 import pbnn
-from pbnn.engine.sgmcmc import (
-    CyclicalSGLDKernel,
-    SGHMCKernel,
-    SGLDKernel,
+from pbnn.infer.sgmcmc import CyclicalSGLDKernel, SGHMCKernel, SGLDKernel
+from pbnn.kernels.sgmcmc import (
     cycle_index,
     cyclical_cosine,
     is_exploration,
@@ -191,7 +189,7 @@ def test_minibatch_gradient_is_scaled_by_n_over_b(kind, conjugate):
     assert not torch.allclose(grads[0], g_full, atol=1e-3)  # a single minibatch is noisy
     # and the full gradient is the true per-datum gradient of -log p (autograd on the Pyro model / Potential)
     z2 = z.clone().requires_grad_(True)
-    (g_ref,) = torch.autograd.grad(-full._source.log_joint(z2, None) / len(x), z2)
+    (g_ref,) = torch.autograd.grad(-full.potential.log_joint(z2, None) / len(x), z2)
     assert torch.allclose(g_full, g_ref)
 
 
@@ -204,12 +202,12 @@ def test_minibatch_gradient_is_scaled_by_n_over_b(kind, conjugate):
         # full batch, lr * lambda_max ~ 0.1 (per-datum curvature ~ 4-5): variance bias
         # 1 / (1 - lr lambda / 2) <= 5%; relaxation time ~ 1 / (lr lambda) ~ 12 steps
         # (x thinning 4 x 1500 draws = 6000 steps) give ESS ~ 250, so a variance ratio has Monte Carlo sd ~ 9%.
-        ("sgld", {"step_size": 0.02}, (0.6, 1.5)),
+        ("sgld", {"lr": 0.02}, (0.6, 1.5)),
         # minibatches of 10: the minibatch noise adds variance lr^2 Var(grad) per step, about
         # lr * N * Var(grad) / 2 ~ 0.5-1x the injected noise here: "right order" = within [0.6, 2.5].
-        ("sgld", {"step_size": 0.02, "batch_size": 10}, (0.6, 2.5)),
-        ("sghmc", {"step_size": 0.004, "friction": 0.2}, (0.6, 1.5)),
-        ("psgld", {"step_size": 0.005}, (0.5, 1.6)),
+        ("sgld", {"lr": 0.02, "batch_size": 10}, (0.6, 2.5)),
+        ("sghmc", {"lr": 0.004, "friction": 0.2}, (0.6, 1.5)),
+        ("psgld", {"lr": 0.005}, (0.5, 1.6)),
     ],
 )
 def test_conjugate_linear_regression(conjugate, method, options, var_bounds):
@@ -270,7 +268,7 @@ def test_cyclical_kernel_keeps_draws_from_sampling_stages_only(conjugate):
     model = pbnn.BNN(torch.nn.Linear(2, 1), likelihood=pbnn.likelihoods.Gaussian(c["sigma"]))
     post = pbnn.fit(
         model, c["x"], c["y"], method="csgld", num_samples=60, num_cycles=3, exploration=0.5, thinning=3,
-        step_size=0.02, seed=0, progress=False,
+        lr=0.02, seed=0, progress=False,
     )  # fmt: skip
     cycles = post.sample_stats["cycle"][0]
     assert torch.equal(torch.bincount(cycles), torch.tensor([20, 20, 20]))
@@ -313,8 +311,9 @@ def test_map_warm_start_reaches_the_conjugate_posterior_mode(kind, conjugate):
     else:
         model = known_noise
     data = pbnn.data.validate(model, c["x"], c["y"])
-    start = pbnn.engine.sgmcmc.chain_initial_params(model, data, 0)
-    end = pbnn.engine.sgmcmc.map_warm_start(model, data, start, num_steps=3000)
+    pot = pbnn.potential.Potential(model, data)
+    z = pbnn.engine.chains.warm_start(pot, pbnn.engine.chains.chain_start(pot, 0), num_steps=3000)
+    end = pot.layout.constrain(z)
     w, b = (end["weight"].reshape(-1), end["bias"]) if kind == "bnn" else (end["w"], end["b"][None])
     theta = torch.cat([w, b])
     sd = c["cov"].diagonal().sqrt()
@@ -325,7 +324,7 @@ def test_map_warm_start_reaches_the_conjugate_posterior_mode(kind, conjugate):
 def test_init_map_starts_the_chain_at_the_mode(conjugate):
     c = conjugate
     model = pbnn.BNN(torch.nn.Linear(2, 1), likelihood=pbnn.likelihoods.Gaussian(c["sigma"]))
-    kw = dict(num_samples=1, warmup=0, thinning=1, step_size=1e-6, temperature=0.0, seed=0, progress=False)
+    kw = dict(num_samples=1, warmup=0, thinning=1, lr=1e-6, temperature=0.0, seed=0, progress=False)
     net_start = pbnn.fit(model, c["x"], c["y"], method="sgld", **kw)
     map_start = pbnn.fit(model, c["x"], c["y"], method="sgld", init="map", **kw)
     sd = c["cov"].diagonal().sqrt()
@@ -377,14 +376,14 @@ def test_compiled_gradient_gives_the_eager_chain(conjugate):
 def test_divergence_names_the_step_and_stores_nothing(conjugate):
     c = conjugate
     model = pbnn.BNN(torch.nn.Linear(2, 1))
-    with pytest.raises(ValueError, match=r"gradient step \d+.*lower step_size"):
-        pbnn.fit(model, c["x"], c["y"] * 1e3, method="sgld", step_size=10.0, num_samples=50, warmup=10, progress=False)
+    with pytest.raises(ValueError, match=r"gradient step \d+.*lower lr"):
+        pbnn.fit(model, c["x"], c["y"] * 1e3, method="sgld", lr=10.0, num_samples=50, warmup=10, progress=False)
 
 
 @pytest.mark.parametrize(
     "method, options, match",
     [
-        ("sgld", {"step_size": -1.0}, "step_size"),
+        ("sgld", {"lr": -1.0}, "lr"),
         ("sgld", {"thinning": 0}, "thinning"),
         ("sgld", {"temperature": -1.0}, "temperature"),
         ("sgld", {"schedule": "cosine"}, "schedule"),

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from pbnn.engine.sgmcmc import cyclical_cosine, is_exploration, polynomial_decay, sgld_step  # noqa: E402
+from pbnn.kernels.sgmcmc import cyclical_cosine, is_exploration, polynomial_decay, sgld_step  # noqa: E402
 
 grid = torch.tensor([-4.0, -2.0, 0.0, 2.0, 4.0], dtype=torch.float64)
 centres = torch.cartesian_prod(grid, grid)

@@ -30,9 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import pbnn
+from pbnn.api import fit
+from pbnn.core import likelihoods
 from pbnn.core.data import as_tensor
 from pbnn.core.datasets import gap_regression
+from pbnn.core.model import BNN
+from pbnn.evaluation import metrics
+from pbnn.evaluation.metrics import evaluate
+from pbnn.infer import BACKENDS
 from pbnn.infer.base import check_positive_int
 
 __all__ = ["regression_protocol", "TASKS", "run_task", "run_jobs", "QUICK_OPTIONS", "DEFAULT_METHODS"]
@@ -60,9 +65,9 @@ QUICK_OPTIONS = {
 
 def _options_for(method: str, options: dict) -> dict:
     """The subset of ``options`` that ``method``'s backend accepts."""
-    if method not in pbnn.infer.BACKENDS:
-        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(pbnn.infer.BACKENDS))}")
-    cls = pbnn.infer.BACKENDS[method]
+    if method not in BACKENDS:
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(BACKENDS))}")
+    cls = BACKENDS[method]
     accepted = inspect.signature(cls).parameters
     pick = lambda v: v.get(method, v["*"]) if isinstance(v, dict) and "*" in v else v  # noqa: E731
     return {k: pick(v) for k, v in options.items() if k in accepted}
@@ -149,15 +154,15 @@ def regression_protocol(
         (xtr, xte), _, _ = _standardise(X[train], X[test])
         (ytr, _), y_mu, y_sd = _standardise(y[train], y[test])
         y_sd = float(y_sd)
-        model = pbnn.BNN(_mlp(X.shape[1], 1, hidden, seed=seed + split), prior=prior)
-        post = pbnn.fit(
+        model = BNN(_mlp(X.shape[1], 1, hidden, seed=seed + split), prior=prior)
+        post = fit(
             model, torch.tensor(xtr, dtype=torch.float32), torch.tensor(ytr, dtype=torch.float32), method=method, **opts
         )
         pred = post.predict(torch.tensor(xte, dtype=torch.float32))
         y_test_std = torch.tensor((y[test] - y_mu) / y_sd, dtype=torch.float32)
-        rmses.append(pbnn.metrics.rmse(pred, y_test_std) * y_sd)
+        rmses.append(metrics.rmse(pred, y_test_std) * y_sd)
         # log p(y) = log p(y_std) - log(y_sd): the density in original units.
-        lls.append(-pbnn.metrics.nll(pred, y_test_std) - math.log(y_sd))
+        lls.append(-metrics.nll(pred, y_test_std) - math.log(y_sd))
     se = lambda v: float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
     return {"rmse": float(np.mean(rmses)), "rmse_se": se(rmses), "loglik": float(np.mean(lls)), "loglik_se": se(lls)}
 
@@ -236,19 +241,19 @@ def run_task(task: str, method: str, seed: int = 0, **options) -> dict:
     f32 = lambda a: torch.tensor(a, dtype=torch.float32)
     if kind == "regression":
         (ytr, yte), _, _ = _standardise(np.asarray(ytr, np.float64), np.asarray(yte, np.float64))
-        model = pbnn.BNN(_mlp(Xtr.shape[1], 1, act=act, seed=seed))
+        model = BNN(_mlp(Xtr.shape[1], 1, act=act, seed=seed))
         y_train, y_test = f32(ytr), f32(yte)
     else:
         classes = int(max(ytr.max(), yte.max())) + 1
-        lik = pbnn.likelihoods.Categorical()
-        model = pbnn.BNN(_mlp(Xtr.shape[1], classes, act=act, seed=seed), likelihood=lik)
+        lik = likelihoods.Categorical()
+        model = BNN(_mlp(Xtr.shape[1], classes, act=act, seed=seed), likelihood=lik)
         y_train, y_test = torch.as_tensor(ytr).long(), torch.as_tensor(yte).long()
     t0 = time.perf_counter()
-    post = pbnn.fit(model, f32(Xtr), y_train, method=method, seed=seed, **options)
+    post = fit(model, f32(Xtr), y_train, method=method, seed=seed, **options)
     t1 = time.perf_counter()
     pred = post.predict(f32(Xte))
     t2 = time.perf_counter()
-    metrics = pbnn.evaluate(pred, None, y_test, seed=seed)
+    metrics = evaluate(pred, None, y_test, seed=seed)
     row = {k: float(metrics[k]) for k in TABLE_KEYS[kind]}
     return {"task": task, "method": method, "seed": seed, **row, "fit_s": t1 - t0, "predict_s": t2 - t1}
 

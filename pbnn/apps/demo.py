@@ -19,18 +19,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-import pbnn  # noqa: E402
-import pbnn.evaluation.plots  # noqa: E402
+from pbnn.api import fit  # noqa: E402
+from pbnn.core import likelihoods, priors  # noqa: E402
 from pbnn.core.datasets import gap_regression  # noqa: E402
+from pbnn.core.model import BNN  # noqa: E402
+from pbnn.evaluation import metrics, plots  # noqa: E402
+from pbnn.evaluation.metrics import evaluate  # noqa: E402
+from pbnn.posterior import Posterior  # noqa: E402
 
 # Baseline, approximation and imitation rows; every other backend is one --methods away.
 DEMO_METHODS = "map,svi,laplace,ensemble,swag,fge,mc-dropout"
 
 
-def make_model() -> pbnn.BNN:
+def make_model() -> BNN:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(1, 50), torch.nn.Tanh(), torch.nn.Linear(50, 1))
-    return pbnn.BNN(net, prior=pbnn.priors.Normal(0.0, 1.0), likelihood=pbnn.likelihoods.Gaussian(scale="learned"))
+    return BNN(net, prior=priors.Normal(0.0, 1.0), likelihood=likelihoods.Gaussian(scale="learned"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,12 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
     for method in methods:
         print(f"fitting {method} ...", flush=True)
         t0 = time.perf_counter()
-        post = pbnn.fit(model, d["x_train"], d["y_train"], method=method, seed=0, **steps.get(method, {}))
+        post = fit(model, d["x_train"], d["y_train"], method=method, seed=0, **steps.get(method, {}))
         fit_s = time.perf_counter() - t0
         pred = post.predict(d["x_test"])
         posts[method], preds[method] = post, pred
         rows[method] = {
-            **pbnn.evaluate(pred, None, d["y_test"]),
+            **evaluate(pred, None, d["y_test"]),
             "gap_sd": float(pred.stddev[d["in_gap"]].mean()),
             "fit_s": fit_s,
         }
@@ -70,12 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  loss: start {losses[0]:.3f}  middle {losses[len(losses) // 2]:.3f}  end {losses[-1]:.3f}")
 
     cols = ("rmse", "nll", "crps", "coverage_90", "pit_error", "gap_sd", "fit_s")
-    print("\n" + pbnn.metrics.table({m: {c: r[c] for c in cols} for m, r in rows.items()}))
+    print("\n" + metrics.table({m: {c: r[c] for c in cols} for m, r in rows.items()}))
 
     _plot_bands(d, preds, out / "predictive_bands.png")
     _plot_forest(posts["svi"], out / "svi_forest.png")
     for m, pred in preds.items():
-        pbnn.plots.calibration_curve(pred, d["y_test"], title=m.upper(), path=out / f"{m}_calibration.png")
+        plots.calibration_curve(pred, d["y_test"], title=m.upper(), path=out / f"{m}_calibration.png")
     print(f"\nfigures written to {out.resolve()}/: predictive_bands.png, svi_forest.png, *_calibration.png")
     verdict = "beats" if rows["svi"]["nll"] < rows["map"]["nll"] else "does NOT beat"
     print(f"SVI {verdict} MAP on test NLL ({rows['svi']['nll']:.3f} vs {rows['map']['nll']:.3f}).")
@@ -105,7 +109,7 @@ def _plot_bands(d: dict, preds: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_forest(post: pbnn.Posterior, path: Path) -> None:
+def _plot_forest(post: Posterior, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import arviz as az

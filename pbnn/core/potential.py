@@ -94,7 +94,7 @@ class SiteLayout:
         for n, s in zip(self.names, self.shapes):
             v = parts[n]
             out.append(v.reshape(v.shape[: v.dim() - len(s)] + (-1,)))
-        return torch.cat(out, -1) if out else torch.zeros(0)  # a model without latent sites
+        return torch.cat(out, -1)
 
     def unpack(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Constrained site values from ``z`` ``[..., D]`` and the log Jacobian ``[...]``."""
@@ -325,7 +325,7 @@ class PyroPotential(Potential):
             trace = poutine.trace(model).get_trace(data.x, data.y)
             sites, init = [], {}
             for name, site in trace.iter_stochastic_nodes():
-                if site_is_subsample(site):  # a plate's subsample indices, not a latent site
+                if site_is_subsample(site):  # a plate's subsample site is not a latent variable
                     continue
                 t = biject_to(site["fn"].support)
                 init[name] = pyro.infer.autoguide.initialization.init_to_median(site).detach()

@@ -24,6 +24,8 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 
+from pbnn.engine.optim import seeded
+from pbnn.posterior.posterior import Posterior
 from pbnn.posterior.predictive import Prediction, _base
 
 __all__ = [
@@ -282,8 +284,6 @@ def crps(pred: Prediction, y: torch.Tensor, num_samples: int = 1000, seed: int |
         >>> round(pbnn.metrics.crps(pred, torch.zeros(1), num_samples=20000), 2)   # (sqrt 2 - 1)/sqrt pi
         0.23
     """
-    from pbnn.engine.training import seeded
-
     pred = _regression(pred, "crps")
     y = _targets(pred, y)
     per_draw = max(1, math.ceil(num_samples / pred.num_draws))
@@ -523,13 +523,19 @@ def ood_auroc(in_dist, out_dist, score: str = "entropy") -> float:
 
 # =============================================================================== fidelity
 def _prediction(p, x, num_samples, what):
-    from pbnn.posterior.posterior import Posterior
-
     if isinstance(p, Posterior):
         if x is None:
             raise ValueError(f"{what} of two Posteriors needs the inputs x at which to compare their predictives")
         return p.predict(x, num_samples)
     return p
+
+
+def _class_prob_pair(pred, reference, x, num_samples, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    p = class_probs(_prediction(pred, x, num_samples, what))
+    q = class_probs(_prediction(reference, x, num_samples, what))
+    if p.shape != q.shape:
+        raise ValueError(f"predictions have shapes {tuple(p.shape)} and {tuple(q.shape)}; they must match")
+    return p, q
 
 
 def agreement(pred, reference, x=None, num_samples: int | None = None) -> float:
@@ -544,10 +550,7 @@ def agreement(pred, reference, x=None, num_samples: int | None = None) -> float:
         >>> pbnn.metrics.agreement([[0.9, 0.1], [0.4, 0.6]], [[0.6, 0.4], [0.7, 0.3]])
         0.5
     """
-    p = class_probs(_prediction(pred, x, num_samples, "agreement"))
-    q = class_probs(_prediction(reference, x, num_samples, "agreement"))
-    if p.shape != q.shape:
-        raise ValueError(f"predictions have shapes {tuple(p.shape)} and {tuple(q.shape)}; they must match")
+    p, q = _class_prob_pair(pred, reference, x, num_samples, "agreement")
     return float((p.argmax(-1) == q.argmax(-1)).double().mean())
 
 
@@ -559,10 +562,7 @@ def total_variation(pred, reference, x=None, num_samples: int | None = None) -> 
         >>> pbnn.metrics.total_variation([[0.9, 0.1], [0.5, 0.5]], [[0.6, 0.4], [0.5, 0.5]])
         0.15000000000000002
     """
-    p = class_probs(_prediction(pred, x, num_samples, "total_variation"))
-    q = class_probs(_prediction(reference, x, num_samples, "total_variation"))
-    if p.shape != q.shape:
-        raise ValueError(f"predictions have shapes {tuple(p.shape)} and {tuple(q.shape)}; they must match")
+    p, q = _class_prob_pair(pred, reference, x, num_samples, "total_variation")
     return float(0.5 * (p - q).abs().sum(-1).mean())
 
 

@@ -19,7 +19,6 @@ from pbnn.infer.sgmcmc import PSGLD, SGHMC, SGLD, CyclicalSGHMC, CyclicalSGLD
 from pbnn.infer.svi import SVI
 from pbnn.infer.swag import SWA, SWAG, MultiSWAG
 
-
 __all__ = [
     "BACKENDS",
     "Backend",

@@ -59,7 +59,7 @@ from pbnn.core.options import (
 )
 from pbnn.core.potential import Potential, accepts_subsample
 from pbnn.engine.distributed import broadcast_seed
-from pbnn.engine.training import resolve_batch_size, seeded
+from pbnn.engine.optim import resolve_batch_size, seeded
 from pbnn.posterior.posterior import Posterior
 
 __all__ = [
@@ -245,4 +245,3 @@ def make_backend(method, **options) -> Backend:
     if unknown:
         raise ValueError(f"bad option for method {method!r}: unknown option(s) {unknown}; its options are {known}")
     return cls(**options)
-

@@ -1,6 +1,6 @@
 """Curvature of a BNN's log-likelihood at a point: generalised Gauss-Newton (GGN) full,
-diagonal or Kronecker-factored (KFAC), output Jacobians, and the Kronecker-factored
-Gaussian that KFAC Laplace samples from.
+diagonal or Kronecker-factored (KFAC, whose Gaussian is
+:class:`pbnn.approx.KroneckerApproximation`), and output Jacobians.
 
 The GGN of ``-sum_n log p(y_n | f(x_n, theta))`` is ``sum_n J_n^T Lambda_n J_n`` with
 ``J_n = d f(x_n) / d theta`` and ``Lambda_n`` the Hessian of the negative log-likelihood in
@@ -22,22 +22,14 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+from torch.distributions.transforms import identity_transform
 
 from pbnn.core import likelihoods as _lik
+from pbnn.core.potential import SiteLayout
 
-__all__ = [
-    "loss_hessian_sqrt",
-    "output_jacobian",
-    "ggn_full",
-    "ggn_diag",
-    "kfac_factors",
-    "KroneckerApproximation",
-    "SUPPORTED_LIKELIHOODS",
-]
+__all__ = ["loss_hessian_sqrt", "output_jacobian", "ggn_full", "ggn_diag", "kfac_factors", "linear_layers"]
 
 SUPPORTED_LIKELIHOODS = (_lik.Gaussian, _lik.MultiTaskGaussian, _lik.Bernoulli, _lik.Categorical)
 CHUNK = 256  # data points per Jacobian / KFAC pass: bounds memory at CHUNK * outputs * D
@@ -73,18 +65,9 @@ def loss_hessian_sqrt(likelihood, f: torch.Tensor, noise: dict[str, torch.Tensor
     return torch.diag_embed((1.0 / sigma).expand(n, c))
 
 
-def _split(theta: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> dict[str, torch.Tensor]:
-    out, pos = {}, 0
-    for n, s in zip(names, shapes):
-        size = int(math.prod(s))
-        out[n] = theta[pos : pos + size].reshape(s)
-        pos += size
-    return out
-
-
-def flatten(values: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    """Concatenate ``values[n]`` (trailing dims flattened, leading batch dims kept) in ``names`` order."""
-    return torch.cat([values[n].reshape(-1) for n in names])
+def weight_layout(values: dict[str, torch.Tensor], names: list[str]) -> SiteLayout:
+    """The :class:`pbnn.potential.SiteLayout` of the real-valued sites ``names`` (shapes from ``values``)."""
+    return SiteLayout([(n, values[n].shape, identity_transform) for n in names])
 
 
 def output_jacobian(model, names: list[str], params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -93,11 +76,11 @@ def output_jacobian(model, names: list[str], params: dict[str, torch.Tensor], x:
     ``params`` holds every network parameter's value; ``torch.func.jacrev`` is vmapped over
     data points (so the cost is one reverse pass per output per point, batched).
     """
-    shapes = [params[n].shape for n in names]
-    theta = flatten(params, names)
+    layout = weight_layout(params, names)
+    theta = layout.join(params)
 
     def f_one(th, x1):
-        return model.output({**params, **_split(th, names, shapes)}, x1[None])[0]
+        return model.output({**params, **layout.split(th)}, x1[None])[0]
 
     jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))
     was_training = model.net.training
@@ -223,81 +206,3 @@ def kfac_factors(model, names: list[str], params: dict[str, torch.Tensor], x: to
         model.net.train(was_training)
     n = x.shape[0]
     return {p: (G.detach(), A.detach() / n) for p, (G, A) in factors.items()}
-
-
-class KroneckerApproximation:
-    """Gaussian over the weights of ``nn.Linear`` layers with precision ``G kron A + delta I`` per layer.
-
-    Each layer's ``[W | b]`` (row-major) has mean ``M`` and precision
-    ``(Q_G kron Q_A) (lam_G lam_A^T + delta) (Q_G kron Q_A)^T`` from the eigendecompositions of
-    its Kronecker factors, so drawing, the log-determinant and ``J Sigma J^T`` cost only
-    factor-sized work. ``sample(n, seed=)`` returns ``{site: [n, *shape]}`` like
-    :class:`pbnn.approx.FlatApproximation`.
-
-    Example:
-        >>> import torch
-        >>> from pbnn.infer.curvature import KroneckerApproximation
-        >>> q = KroneckerApproximation([("", "weight", "bias")], {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)},
-        ...                            {"": (torch.eye(1), torch.eye(3))}, {"": 1.0})
-        >>> {k: tuple(v.shape) for k, v in q.sample(4, seed=0).items()}
-        {'weight': (4, 1, 2), 'bias': (4, 1)}
-    """
-
-    def __init__(self, layers, mean: dict[str, torch.Tensor], factors: dict, prior_precision: dict) -> None:
-        self.layers = list(layers)
-        self.mean_values = {k: v.detach().clone() for k, v in mean.items()}
-        self.eig = {}
-        for p, _, _ in self.layers:
-            G, A = factors[p]
-            lg, qg = torch.linalg.eigh(G.double())
-            la, qa = torch.linalg.eigh(A.double())
-            # the factors are PSD; clamp the round-off negatives
-            self.eig[p] = (lg.clamp_min(0), qg, la.clamp_min(0), qa)
-        self.set_prior_precision(prior_precision)
-
-    def set_prior_precision(self, prior_precision: dict) -> None:
-        self.prior_precision = {p: torch.as_tensor(prior_precision[p], dtype=torch.double) for p, _, _ in self.layers}
-
-    def _matrix(self, values: dict, p: str, w: str, b: str | None) -> torch.Tensor:
-        W = values[w]
-        return W if b is None else torch.cat([W, values[b][..., None]], -1)
-
-    def _eigenvalues(self, p: str, delta=None) -> torch.Tensor:
-        lg, _, la, _ = self.eig[p]
-        return lg[:, None] * la[None, :] + (self.prior_precision[p] if delta is None else delta)
-
-    def logdet_precision(self, deltas: dict | None = None) -> torch.Tensor:
-        """``log det`` of the posterior precision (differentiable in ``deltas``)."""
-        return sum(self._eigenvalues(p, None if deltas is None else deltas[p]).log().sum() for p, _, _ in self.layers)
-
-    def sample(self, num_samples: int, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """``num_samples`` draws ``{site: [num_samples, *shape]}``; reproducible with ``seed``."""
-        out = {}
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            for p, w, b in self.layers:
-                lg, qg, la, qa = self.eig[p]
-                lam = self._eigenvalues(p)
-                eps = torch.randn((num_samples,) + tuple(lam.shape), dtype=torch.double) / lam.sqrt()
-                dev = (qg @ eps @ qa.T).to(self.mean_values[w].dtype)
-                m = self._matrix(self.mean_values, p, w, b)
-                draw = m + dev
-                out[w] = draw[..., : self.mean_values[w].shape[-1]]
-                if b is not None:
-                    out[b] = draw[..., -1]
-        return out
-
-    @property
-    def mean(self) -> dict[str, torch.Tensor]:
-        return dict(self.mean_values)
-
-    def functional_covariance(self, jac: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``J Sigma J^T`` ``[M, C, C]`` from per-site Jacobians ``{site: [M, C, *shape]}``."""
-        total = 0.0
-        for p, w, b in self.layers:
-            lg, qg, la, qa = self.eig[p]
-            J = self._matrix(jac, p, w, b).double()  # [M, C, out, in(+1)]
-            T = qg.T @ J @ qa
-            total = total + torch.einsum("mcoi,mdoi,oi->mcd", T, T, 1.0 / self._eigenvalues(p))
-        return total

@@ -1,20 +1,11 @@
 """Laplace approximation: a Gaussian at the MAP whose precision is the curvature there.
 
-Three independent choices (as in laplace-torch, Daxberger et al. 2021, "Laplace Redux"):
-
-* ``subset``: which weights get the Gaussian (``"all"`` Bayesian weights, the
-  ``"last_layer"``, or ``"auto"``: the last layer for classification, all for regression);
-  the rest, the likelihood noise (e.g. a learned ``sigma``) and prior hyper-parameters stay
-  at their MAP values (in ``Posterior.fixed``);
-* ``hessian``: the curvature: ``"full"`` (exact Hessian via Pyro's
-  ``AutoLaplaceApproximation``, small nets), ``"ggn"`` (full generalised Gauss-Newton),
-  ``"diag"`` (its diagonal) or ``"kfac"`` (Kronecker-factored per ``nn.Linear``);
-* ``predictive``: ``"glm"`` (the network linearised at the MAP, closed-form Gaussian for
-  regression, probit approximation for classification) or ``"nn"`` (run the net at weight
-  draws).
-
-The prior precision is the model's Gaussian prior (``"prior"``), a number, or tuned by
-maximising the Laplace log marginal likelihood (``"marglik"``, scalar or per layer).
+As in laplace-torch (Daxberger et al. 2021, "Laplace Redux"), the weight ``subset`` and the
+curvature structure (``hessian``) are two independent choices, and the ``predictive``
+(linearised GLM or sampled network) a third; the prior precision is the model's prior, a
+number, or tuned by the Laplace marginal likelihood. The Gaussian is a
+:class:`pbnn.approx.Approximation` over the subset's weights (dense / diagonal:
+:class:`~pbnn.approx.FlatApproximation`; KFAC: :class:`~pbnn.approx.KroneckerApproximation`).
 
 Example:
     >>> import torch, pbnn
@@ -28,37 +19,31 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
+from dataclasses import dataclass
 
-import pyro
-import pyro.distributions as dist
 import torch
-from pyro import poutine
-from pyro.infer.autoguide import AutoLaplaceApproximation, init_to_value
-from pyro.ops.hessian import hessian as pyro_hessian
 from torch.distributions import Independent, MultivariateNormal, Normal
-from torch.distributions.transforms import identity_transform
 
 from pbnn.core import likelihoods as _lik
-from pbnn.posterior.approx import FlatApproximation
+from pbnn.core.options import one_of, option, optional, positive, positive_int
+from pbnn.core.potential import Potential, SiteLayout
+from pbnn.engine.optim import fit_map, resolve_batch_size
+from pbnn.infer.base import Backend, RunOptions, register
 from pbnn.infer.curvature import (
-    KroneckerApproximation,
     check_likelihood,
-    flatten,
     ggn_diag,
     ggn_full,
     kfac_factors,
     linear_layers,
     output_jacobian,
+    weight_layout,
 )
-from pbnn.core.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int, register
-from pbnn.core.model import BNN
+from pbnn.posterior.approx import Approximation, FlatApproximation, KroneckerApproximation
 from pbnn.posterior.posterior import Posterior
-from pbnn.core.potential import Potential
 from pbnn.posterior.predictive import Prediction, predict_bnn
-from pbnn.engine.training import resolve_batch_size, run_adam, seeded
 
 __all__ = ["Laplace", "LaplacePredictor", "GLMPrediction", "FULL_HESSIAN_LIMIT", "DENSE_LIMIT"]
 
@@ -72,21 +57,29 @@ FULL_HESSIAN_LIMIT = 1000
 DENSE_LIMIT = 5000
 
 
+def _prior_precision_option(name: str, value):
+    if isinstance(value, str):
+        if value not in ("marglik", "prior"):
+            raise ValueError(f"{name} must be 'marglik', 'prior' or a positive number, got {value!r}")
+        return value
+    return positive(name, value)
+
+
 @register("laplace")
-class Laplace(Backend):
+@dataclass(frozen=True, kw_only=True)
+class Laplace(Backend, RunOptions):
     """Laplace approximation at the MAP with GGN / KFAC / diagonal / exact-Hessian curvature.
 
     Args:
         hessian: ``"ggn"`` (default: full generalised Gauss-Newton, positive semi-definite by
             construction, D <= 5000), ``"diag"``, ``"kfac"`` (``nn.Linear`` layers only) or
-            ``"full"`` (the exact Hessian of the negative log joint from Pyro's
-            ``AutoLaplaceApproximation``, D <= 1000; often not positive definite for BNNs).
+            ``"full"`` (the exact Hessian of the negative log joint, ``torch.func.hessian`` of the
+            model's potential, D <= 1000; often not positive definite for BNNs).
         subset: ``"auto"`` (default: ``"last_layer"`` for a classification likelihood, ``"all"``
             otherwise), ``"all"`` Bayesian weights or ``"last_layer"`` (the last module with
-            parameters). Why ``"auto"``: with a marglik-tuned prior, all-weights Laplace at an
-            interpolating classifier is underconfident (digits: NLL 0.35, ECE 0.23 against the last
-            layer's 0.11, 0.05, at a tenth of the fit time), while for regression all weights give
-            the better in-between uncertainty (the gap task, the UCI protocol).
+            parameters). Why ``"auto"``: all-weights Laplace at an interpolating classifier is
+            underconfident, while all weights give regression the better in-between uncertainty
+            (measurements in ``docs/laplace.md``).
         prior_precision: ``"marglik"`` (default: tuned by maximising the Laplace log marginal
             likelihood), ``"prior"`` (the model's own Gaussian prior) or a positive number.
         prior_structure: for ``"marglik"``: one precision (``"scalar"``) or one per layer
@@ -96,7 +89,7 @@ class Laplace(Backend):
         on_indefinite: for ``hessian="full"``, what to do when the Hessian is not positive
             definite: ``"ggn"`` (warn and use the GGN) or ``"raise"`` (ValueError).
         map_steps, lr, batch_size: Adam steps, learning rate and minibatch size of the MAP fit
-            (as :class:`pbnn.infer.MAP`).
+            (:func:`pbnn.engine.optim.fit_map`, as :class:`pbnn.infer.MAP`).
         refine: polish a full-batch MAP with L-BFGS so the gradient is ~0 there, as the Laplace
             expansion assumes.
         num_samples: weight draws stored in the Posterior (more can be made).
@@ -109,108 +102,60 @@ class Laplace(Backend):
         'kfac'
     """
 
-    name = "laplace"
+    model_kinds = ("bnn",)  # it differentiates the network functionally
 
-    def __init__(
-        self,
-        hessian: str = "ggn",
-        subset: str = "auto",
-        prior_precision: str | float = "marglik",
-        prior_structure: str = "scalar",
-        predictive: str = "glm",
-        on_indefinite: str = "ggn",
-        map_steps: int = 3000,
-        lr: float = 0.01,
-        batch_size: int | None = None,
-        refine: bool = True,
-        num_samples: int = 1000,
-        seed: int | None = None,
-        progress: bool = True,
-    ) -> None:
-        for opt, val, allowed in (
-            ("hessian", hessian, HESSIANS),
-            ("subset", subset, SUBSETS),
-            ("prior_structure", prior_structure, STRUCTURES),
-            ("predictive", predictive, PREDICTIVES),
-            ("on_indefinite", on_indefinite, ("ggn", "raise")),
-        ):
-            if val not in allowed:
-                raise ValueError(f"{opt} must be one of {allowed}, got {val!r}")
-        if isinstance(prior_precision, str):
-            if prior_precision not in ("marglik", "prior"):
-                raise ValueError(
-                    f"prior_precision must be 'marglik', 'prior' or a positive number, got {prior_precision!r}"
-                )
-        else:
-            prior_precision = check_positive("prior_precision", prior_precision)
-        self.hessian = hessian
-        self.subset = subset
-        self.prior_precision = prior_precision
-        self.prior_structure = prior_structure
-        self.predictive = predictive
-        self.on_indefinite = on_indefinite
-        self.map_steps = check_positive_int("map_steps", map_steps)
-        self.lr = check_positive("lr", lr)
-        self.batch_size = batch_size
-        self.refine = bool(refine)
-        self.num_samples = check_positive_int("num_samples", num_samples)
-        self.seed = seed
-        self.progress = progress
+    hessian: str = option("ggn", one_of(*HESSIANS))
+    subset: str = option("auto", one_of(*SUBSETS))
+    prior_precision: str | float = option("marglik", _prior_precision_option)
+    prior_structure: str = option("scalar", one_of(*STRUCTURES))
+    predictive: str = option("glm", one_of(*PREDICTIVES))
+    on_indefinite: str = option("ggn", one_of("ggn", "raise"))
+    map_steps: int = option(3000, positive_int)
+    lr: float = option(0.01, positive)
+    batch_size: int | None = option(None, optional(positive_int))
+    refine: bool = True
+    num_samples: int = option(1000, positive_int)
 
-    # ------------------------------------------------------------------ fit
-    def fit(self, model, data: Data) -> Posterior:
-        if not isinstance(model, BNN):
-            raise ValueError(
-                "method='laplace' needs a pbnn.BNN (it differentiates the network functionally); "
-                "for a hand-written Pyro model use method='svi' or 'map'"
-            )
+    def run(self, potential: Potential) -> Posterior:
+        model = potential.network(self.name)
         if self.hessian != "full" or self.predictive == "glm":
             check_likelihood(model.likelihood)
         subset, names = self._subset_names(model)
-        dim = sum(int(math.prod(p.shape)) for n, p in model.net.named_parameters() if n in names)
-        self._check_dim(dim)
-        batch = resolve_batch_size(self.batch_size, len(data))
-        with seeded(self.seed):
-            values, fixed_det, losses = self._fit_map(model, data, batch)
-            out_dim = model.output_dim(data.x)
-            noise = {n: values[n] for n in model.noise_sites(out_dim)}
-            params = {**fixed_det, **{n: values[n] for n in model.bayesian_names}}
-            theta = flatten(values, names).detach().double()
-            prior_mean, model_prec = _gaussian_prior(model, values, names)
-            curv, hessian, note = self._curvature(model, data, values, fixed_det, params, noise, names, model_prec)
-            groups = self._groups(model, names, hessian)
-            log_lik = float(model.log_likelihood(values, data.x, data.y, fixed_det).sum())
-            dev2 = (theta - prior_mean) ** 2 if prior_mean is not None else None
-            prec, lml_fn = self._prior_precision(curv, groups, theta, dev2, model_prec, log_lik)
-            approx = _approximation(curv, prec, theta, names, values, groups)
-            lml = float(lml_fn(prec))
-            draws = approx.sample(self.num_samples)
-        fixed = {**fixed_det, **{k: v.detach() for k, v in values.items() if k not in names}}
-        samples = {k: v.detach().unsqueeze(0) for k, v in draws.items()}
+        self._check_dim(sum(size for n, size in zip(potential.names, potential.sizes) if n in names))
+        z, fixed_det, losses = self._fit_map(potential)
+        values = potential.layout.constrain(z)
+        layout = weight_layout(values, names)  # the Gaussian's z: the subset's weights
+        theta = layout.join(values).detach().double()
+        prior_mean, model_prec = _gaussian_prior(model, values, layout)
+        curv, hessian, note = self._curvature(potential, z, fixed_det, layout, model_prec)
+        labels, index = self._groups(layout)
+        log_lik = float(model.log_likelihood(values, potential.data.x, potential.data.y, fixed_det).sum())
+        dev2 = (theta - prior_mean) ** 2 if prior_mean is not None else None
+        prec, lml_fn = self._prior_precision(curv, layout, index, theta, dev2, model_prec, log_lik)
+        approx = _approximation(curv, prec, theta, layout, values)
+        lml = float(lml_fn(prec))
+        draws = approx.sample(self.num_samples)
         info = {
             "losses": losses,
             "hessian": hessian,
             "subset": subset,
             "predictive": self.predictive,
-            "prior_precision": {g: float(p) for g, p in zip(groups["labels"], groups["values"](prec))},
+            "prior_precision": {g: float(prec[(index == i).nonzero()[0, 0]]) for i, g in enumerate(labels)},
             "log_marginal_likelihood": lml,
         }
         if note:
             info["indefinite"] = note
-        predictor = LaplacePredictor(self.predictive, names, {n: values[n].detach() for n in names})
-        return Posterior(
-            model,
-            samples,
-            data=data,
-            method=self.name,
-            fixed=fixed,
+        return self.posterior(
+            potential,
+            {k: v.detach().unsqueeze(0) for k, v in draws.items()},
+            fixed={**fixed_det, **{k: v.detach() for k, v in values.items() if k not in names}},
             approximation=approx,
-            predictor=predictor,
+            predictor=LaplacePredictor(self.predictive, names, {n: values[n].detach() for n in names}),
             info=info,
         )
 
     # ------------------------------------------------------------------ pieces
-    def _subset_names(self, model: BNN) -> tuple[str, list[str]]:
+    def _subset_names(self, model) -> tuple[str, list[str]]:
         """The resolved subset (``"auto"`` decided) and the names of its Bayesian weights."""
         last = [m for m in model.net.modules() if any(True for _ in m.parameters(recurse=False))][-1]
         ids = {id(p) for p in last.parameters(recurse=False)}
@@ -237,46 +182,37 @@ class Laplace(Backend):
                 "Use hessian='diag' or 'kfac', or subset='last_layer'"
             )
 
-    def _fit_map(self, model: BNN, data: Data, batch: int | None):
-        """Adam on the negative log joint (no Jacobian, as pbnn's MAP), then an optional L-BFGS polish."""
-        potential = Potential(model, data)
-        z = potential.initial_z().requires_grad_(True)
-        fixed = {
-            n: p.detach().clone().requires_grad_(True)
-            for n, p in model.net.named_parameters()
-            if n in model.deterministic_names
-        }
-        params = [z, *fixed.values()]
-
-        def loss_fn(idx):
-            return -potential.log_joint(z, idx, fixed, jacobian=False)
-
-        losses = run_adam(
-            params,
-            loss_fn,
+    def _fit_map(self, potential: Potential):
+        """The MAP (:func:`fit_map`: Adam, no Jacobian, as pbnn's MAP), then an optional L-BFGS polish."""
+        batch = resolve_batch_size(self.batch_size, len(potential))
+        z, fixed, losses = fit_map(
+            potential,
             num_steps=self.map_steps,
             lr=self.lr,
-            n=len(data),
             batch_size=batch,
             desc="Laplace: MAP",
             progress=self.progress,
-            loss_name="-log joint/N",
         )
         if self.refine and batch is None:
-            _lbfgs_polish(params, lambda: loss_fn(None))
-        values, _ = potential.unpack(z.detach())
-        return values, {k: v.detach() for k, v in fixed.items()}, losses
+            params = [z.requires_grad_(True), *(v.requires_grad_(True) for v in fixed.values())]
+            _lbfgs_polish(params, lambda: -potential.log_joint(z, None, fixed, jacobian=False))
+        return z.detach(), {k: v.detach() for k, v in fixed.items()}, losses
 
-    def _curvature(self, model, data, values, fixed_det, params, noise, names, model_prec):
-        """The log-likelihood curvature ``(kind, object)`` and the Hessian kind actually used."""
+    def _curvature(self, potential: Potential, z: torch.Tensor, fixed: dict, layout: SiteLayout, model_prec):
+        """The log-likelihood curvature ``(kind, object)`` and the Hessian kind actually used.
+
+        ``("dense", H [D, D])``, ``("diag", h [D])`` (float64) or ``("kfac", KroneckerApproximation)``
+        (its prior precision set later)."""
+        model, names, values = potential.model, layout.names, potential.layout.constrain(z)
+        noise = {n: values[n] for n in model.noise_sites(potential.out_dim)}
+        params = {**fixed, **{n: values[n] for n in model.bayesian_names}}
         hessian, note = self.hessian, None
         if hessian == "full":
             if model_prec is None:
                 raise ValueError(_NON_GAUSSIAN_PRIOR)
-            H = _pyro_hessian(model, data, values, fixed_det, names).double()
+            H = _exact_hessian(potential, z, fixed, layout).double()
             _, info = torch.linalg.cholesky_ex(H)
-            if int(info) == 0:
-                # Pyro's Hessian includes the model's prior; keep the likelihood part.
+            if int(info) == 0:  # it includes the model's prior; keep the likelihood part
                 return ("dense", H - torch.diag(model_prec)), hessian, None
             eig = torch.linalg.eigvalsh(H)
             n_bad = int((eig <= 0).sum())
@@ -288,58 +224,45 @@ class Laplace(Backend):
             )
             if self.on_indefinite == "raise":
                 raise ValueError(note + "; or on_indefinite='ggn' to fall back automatically")
-            warnings.warn(note + ". Falling back to hessian='ggn'.", stacklevel=3)
+            warnings.warn(note + ". Falling back to hessian='ggn'.", stacklevel=4)
             hessian = "ggn"
-        x = data.x
+        x = potential.data.x
         if hessian == "ggn":
             return ("dense", ggn_full(model, names, params, x, noise)), hessian, note
         if hessian == "diag":
             return ("diag", ggn_diag(model, names, params, x, noise)), hessian, note
         layers = linear_layers(model, names)
-        return ("kfac", (layers, kfac_factors(model, names, params, x, noise))), hessian, note
+        factors = kfac_factors(model, names, params, x, noise)
+        kron = KroneckerApproximation(layers, {n: values[n] for n in names}, factors, {p: 1.0 for p, _, _ in layers})
+        return ("kfac", kron), hessian, note
 
-    def _groups(self, model, names, hessian) -> dict:
-        """Index of each flat weight's prior-precision group (``"scalar"``: one; else per layer)."""
-        layer_of = [n.rsplit(".", 1)[0] if "." in n else "" for n in names]
-        sizes = [int(math.prod(p.shape)) for n, p in model.net.named_parameters() if n in names]
-        order = {n: i for i, n in enumerate(names)}
-        sizes = [sizes[order[n]] for n in names]
+    def _groups(self, layout: SiteLayout) -> tuple[list[str], torch.Tensor]:
+        """The prior-precision groups (``"scalar"``: one; else per layer) and each flat weight's group."""
+        layer_of = [n.rsplit(".", 1)[0] if "." in n else "" for n in layout.names]
         labels = list(dict.fromkeys(layer_of)) if self.prior_structure == "layerwise" else ["all"]
         gid = [labels.index(lay) if self.prior_structure == "layerwise" else 0 for lay in layer_of]
-        index = torch.cat([torch.full((s,), g, dtype=torch.long) for s, g in zip(sizes, gid)])
+        return labels, torch.cat([torch.full((s,), g, dtype=torch.long) for s, g in zip(layout.sizes, gid)])
 
-        def per_group(prec: torch.Tensor) -> list[float]:  # representative value per group
-            return [float(prec[(index == g).nonzero()[0, 0]]) for g in range(len(labels))]
-
-        return {
-            "labels": labels,
-            "index": index,
-            "values": per_group,
-            "_sizes": dict(zip(names, sizes)),
-        }
-
-    def _prior_precision(self, curv, groups, theta, dev2, model_prec, log_lik):
+    def _prior_precision(self, curv, layout, index, theta, dev2, model_prec, log_lik):
         """The prior precision per flat weight, and ``lml(prec)``, the Laplace log marginal likelihood."""
         kind, obj = curv
-        index = groups["index"]
+        eig = []
 
         def logdet(prec: torch.Tensor) -> torch.Tensor:
             if kind == "dense" and bool((prec == prec[0]).all()):
                 # One scalar precision d: log det(H + d I) = sum log(lambda_i + d) from ONE
                 # eigendecomposition, instead of a D^3 Cholesky (and its backward) per L-BFGS
                 # evaluation (minutes per fit at D ~ 4000, e.g. the digits MLP).
-                if "_eig" not in groups:
-                    groups["_eig"] = torch.linalg.eigvalsh(obj.detach())
-                shifted = groups["_eig"] + prec[0]
+                if not eig:
+                    eig.append(torch.linalg.eigvalsh(obj.detach()))
+                shifted = eig[0] + prec[0]
                 return shifted.log().sum() if bool((shifted > 0).all()) else torch.tensor(math.inf, dtype=prec.dtype)
             if kind == "dense":
                 L, info = torch.linalg.cholesky_ex(obj + torch.diag(prec))
                 return 2 * L.diagonal().log().sum() if int(info) == 0 else torch.tensor(math.inf, dtype=prec.dtype)
             if kind == "diag":
                 return (obj + prec).log().sum()
-            layers, factors = obj
-            q = groups.setdefault("_kfac", KroneckerApproximation(layers, {}, factors, {p: 1.0 for p, _, _ in layers}))
-            return q.logdet_precision({p: prec[_first_index(groups, p, layers)] for p, _, _ in layers})
+            return obj.logdet_precision(_layer_deltas(prec, layout, obj.layers))
 
         def lml(prec: torch.Tensor) -> torch.Tensor:
             # log p(D | theta*) + log N(theta*; mu, P^-1) + D/2 log 2 pi - 1/2 log det(H + P)
@@ -350,10 +273,12 @@ class Laplace(Backend):
         if self.prior_precision == "prior":
             prec = model_prec
         elif self.prior_precision == "marglik":
-            init = torch.zeros(len(groups["labels"]), dtype=torch.double)
+            init = torch.zeros(int(index.max()) + 1, dtype=torch.double)
             if model_prec is not None:  # start from the model's prior (group means)
                 init = torch.stack([model_prec[index == g].mean().log() for g in range(len(init))])
-            prec = _maximise(lambda log_d: lml(log_d.clamp(-20, 20).exp()[index]), init).exp()[index]
+            log_d = init.clone().requires_grad_(True)  # L-BFGS: few parameters, smooth
+            _lbfgs([log_d], lambda: -lml(log_d.clamp(-20, 20).exp()[index]), **_MARGLIK_LBFGS)
+            prec = log_d.detach().exp()[index]
             if not torch.isfinite(lml(prec)):
                 raise ValueError(
                     "marglik tuning left the posterior precision not positive definite (the exact Hessian's "
@@ -362,62 +287,52 @@ class Laplace(Backend):
         else:
             prec = torch.full_like(theta, float(self.prior_precision))
         if kind == "kfac":
-            _check_uniform_per_layer(prec, groups, obj[0])
+            _layer_deltas(prec, layout, obj.layers, check=True)
         return prec.detach(), lml
 
 
+_MARGLIK_LBFGS = {"max_iter": 200, "tolerance_grad": 1e-9, "tolerance_change": 1e-14}
 _NON_GAUSSIAN_PRIOR = (
     "Laplace needs a Gaussian prior on the weights (pbnn.priors.Normal, LayerwiseNormal or HierarchicalNormal) "
     "to add its precision to the curvature"
 )
 
 
-def _first_index(groups, prefix, layers) -> int:
-    """Flat index of the first weight of layer ``prefix`` (KFAC layers are contiguous in the flat order)."""
-    pos = 0
+def _layer_deltas(prec: torch.Tensor, layout: SiteLayout, layers, check: bool = False) -> dict:
+    """Each KFAC layer's prior precision (of its first weight: a layer's sites are contiguous in ``z``);
+    with ``check``, raise unless it is the same for the whole layer."""
+    ends = dict(zip(layout.names, itertools.accumulate(layout.sizes)))
+    starts = {n: e - size for (n, e), size in zip(ends.items(), layout.sizes)}
+    deltas = {}
     for p, w, b in layers:
-        if p == prefix:
-            return pos
-        pos += groups["_sizes"][w] + (groups["_sizes"][b] if b else 0)
-    raise KeyError(prefix)
-
-
-def _check_uniform_per_layer(prec, groups, layers) -> None:
-    pos = 0
-    for p, w, b in layers:
-        size = groups["_sizes"][w] + (groups["_sizes"][b] if b else 0)
-        block = prec[pos : pos + size]
-        if not torch.allclose(block, block[0].expand_as(block)):
+        block = prec[starts[w] : ends[b or w]]
+        if check and not torch.allclose(block, block[0].expand_as(block)):
             raise ValueError(
                 f"hessian='kfac' needs one prior precision per layer, but layer {p!r} has several (e.g. a "
                 "LayerwiseNormal prior with a different bias scale); use prior_precision='marglik' or a number, "
                 "or hessian='diag' / 'ggn'"
             )
-        pos += size
+        deltas[p] = prec[starts[w]]
+    return deltas
 
 
-def _gaussian_prior(model: BNN, values: dict, names: list[str]):
+def _gaussian_prior(model, values: dict, layout: SiteLayout):
     """Flat prior mean and precision of the subset weights (at the MAP hyper-parameters), or (None, None)."""
     dists = model.prior_distributions(values)
-    means, precs = [], []
-    for n in names:
+    means, precs = {}, {}
+    for n, shape in zip(layout.names, layout.shapes):
         d = dists[n]
         while isinstance(d, Independent):
             d = d.base_dist
         if not isinstance(d, Normal):
             return None, None
-        shape = values[n].shape
-        means.append(d.loc.expand(shape).reshape(-1))
-        precs.append(d.scale.expand(shape).reshape(-1).pow(-2))
-    return torch.cat(means).detach().double(), torch.cat(precs).detach().double()
+        means[n], precs[n] = d.loc.expand(shape), d.scale.expand(shape).pow(-2)
+    return layout.join(means).detach().double(), layout.join(precs).detach().double()
 
 
-def _lbfgs_polish(params: list[torch.Tensor], loss_fn) -> None:
-    """Full-batch L-BFGS from the Adam solution; kept only if it lowers the loss."""
-    before = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        start = float(loss_fn())
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=100, history_size=20, line_search_fn="strong_wolfe")
+def _lbfgs(params: list[torch.Tensor], loss_fn, **options) -> None:
+    """Minimise ``loss_fn()`` over ``params`` in place with L-BFGS (strong Wolfe line search)."""
+    opt = torch.optim.LBFGS(params, lr=1.0, line_search_fn="strong_wolfe", **options)
 
     def closure():
         opt.zero_grad(set_to_none=True)
@@ -426,87 +341,48 @@ def _lbfgs_polish(params: list[torch.Tensor], loss_fn) -> None:
         return loss
 
     opt.step(closure)
+
+
+def _lbfgs_polish(params: list[torch.Tensor], loss_fn) -> None:
+    """Full-batch L-BFGS from the Adam solution; kept only if it lowers the loss."""
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        start = float(loss_fn())
+    _lbfgs(params, loss_fn, max_iter=100, history_size=20)
     with torch.no_grad():
         end = float(loss_fn())
-    if not (math.isfinite(end) and end <= start):
-        with torch.no_grad():
+        if not (math.isfinite(end) and end <= start):
             for p, b in zip(params, before):
                 p.copy_(b)
 
 
-def _maximise(objective, init: torch.Tensor) -> torch.Tensor:
-    """Maximise ``objective(log_delta)`` with L-BFGS (few parameters, smooth): the marglik tuner."""
-    x = init.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [x], lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-14, line_search_fn="strong_wolfe"
-    )
+def _exact_hessian(potential: Potential, z: torch.Tensor, fixed: dict, layout: SiteLayout) -> torch.Tensor:
+    """Hessian of ``-log joint`` (no Jacobian) in the weights of ``layout``, the other sites of ``z`` held."""
+    parts = potential.layout.split(z.detach())
 
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = -objective(x)
-        loss.backward()
-        return loss
+    def loss(theta):
+        z_all = potential.layout.join({**parts, **layout.split(theta)})
+        return -potential.log_joint(z_all, None, fixed, jacobian=False)
 
-    opt.step(closure)
-    return x.detach()
+    return torch.func.hessian(loss)(layout.join(parts)).detach()
 
 
-def _pyro_hessian(model: BNN, data: Data, values: dict, fixed_det: dict, names: list[str]) -> torch.Tensor:
-    """The Hessian ``AutoLaplaceApproximation.laplace_approximation`` takes, at the MAP.
-
-    Sites outside ``names`` (other weights, noise, hyper-parameters) are conditioned on their
-    MAP values, deterministic parameters set in a private param-store scope. The loss and its
-    Hessian are Pyro's (guide trace minus model trace, ``pyro.ops.hessian``); pbnn checks it
-    is positive definite before inverting, which Pyro's method does not.
-    """
-    cond = {k: v.detach() for k, v in values.items() if k not in names}
-    with pyro.get_param_store().scope():
-        store = pyro.get_param_store()
-        for k, v in fixed_det.items():
-            store[k] = v.detach().clone()
-        cmodel = poutine.condition(model, data=cond)
-        guide = AutoLaplaceApproximation(cmodel, init_loc_fn=init_to_value(values={n: values[n] for n in names}))
-        guide(data.x, data.y)
-        if list(guide._unconstrained_shapes) != list(names):
-            raise RuntimeError(f"unexpected site order {list(guide._unconstrained_shapes)} vs {names}")
-        guide_trace = poutine.trace(guide).get_trace(data.x, data.y)
-        model_trace = poutine.trace(poutine.replay(cmodel, trace=guide_trace)).get_trace(data.x, data.y)
-        loss = guide_trace.log_prob_sum() - model_trace.log_prob_sum()
-        return pyro_hessian(loss, guide.loc).detach()
-
-
-def _approximation(curv, prec, theta, names, values, groups):
+def _approximation(curv, prec: torch.Tensor, theta: torch.Tensor, layout: SiteLayout, values: dict) -> Approximation:
     kind, obj = curv
-    sites = [(n, values[n].shape, identity_transform) for n in names]
-    dtype = values[names[0]].dtype
+    dtype = values[layout.names[0]].dtype
     if kind == "dense":
-        q = MultivariateNormal(theta, precision_matrix=obj + torch.diag(prec))
-        return FlatApproximation(MultivariateNormal(theta.to(dtype), scale_tril=q.scale_tril.to(dtype)), sites)
+        P = obj + torch.diag(prec)
+        # MultivariateNormal factorises P's upper triangle; mirroring it changes no number but lets
+        # the exact Hessian's float32 round-off asymmetry pass its symmetry check.
+        q = MultivariateNormal(theta, precision_matrix=P.triu() + P.triu(1).mT)
+        return FlatApproximation(MultivariateNormal(theta.to(dtype), scale_tril=q.scale_tril.to(dtype)), layout)
     if kind == "diag":
-        return FlatApproximation(Independent(Normal(theta.to(dtype), (obj + prec).rsqrt().to(dtype)), 1), sites)
-    layers, factors = obj
-    deltas = {p: float(prec[_first_index(groups, p, layers)]) for p, _, _ in layers}
-    return KroneckerApproximation(layers, {n: values[n].detach() for n in names}, factors, deltas)
+        return FlatApproximation(Independent(Normal(theta.to(dtype), (obj + prec).rsqrt().to(dtype)), 1), layout)
+    obj.set_prior_precision({p: float(d) for p, d in _layer_deltas(prec, layout, obj.layers).items()})
+    return obj
 
 
 # ----------------------------------------------------------------------------- predictive
-def functional_covariance(approx, jac: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> torch.Tensor:
-    """``J Sigma J^T`` ``[M, C, C]`` for the Laplace Gaussian ``approx`` and Jacobian ``jac`` ``[M, C, D]``."""
-    J = jac.double()
-    if isinstance(approx, KroneckerApproximation):
-        per_site, pos = {}, 0
-        for n, s in zip(names, shapes):
-            size = int(math.prod(s))
-            per_site[n] = J[..., pos : pos + size].reshape(J.shape[:2] + tuple(s))
-            pos += size
-        return approx.functional_covariance(per_site)
-    q = approx.q
-    if isinstance(q, Independent):
-        return torch.einsum("mcd,d,med->mce", J, q.base_dist.scale.double() ** 2, J)
-    LtJ = torch.einsum("de,mcd->mce", q.scale_tril.double(), J)  # (L^T J^T): Sigma = L L^T
-    return torch.einsum("mce,mke->mck", LtJ, LtJ)
-
-
 class LaplacePredictor:
     """The Posterior's predictor for Laplace: linearised (``"glm"``) or sampled-network (``"nn"``).
 
@@ -538,10 +414,9 @@ class LaplacePredictor:
             f_mu = model.output(params, x)
         noise = {n: post.fixed[n] for n in model.noise_sites(f_mu.shape[-1])}
         J = output_jacobian(model, self.names, params, x).detach()
-        shapes = [self.mean[n].shape for n in self.names]
-        F = functional_covariance(post.approximation, J, self.names, shapes).to(f_mu.dtype)
+        F = post.approximation.functional_covariance(J).to(f_mu.dtype)
         # Draws of the linearised network f_mu + J (theta_s - theta*): the per-draw view (ArviZ, LOO).
-        dtheta = torch.cat([(draws[n] - self.mean[n]).reshape(S, -1) for n in self.names], 1)
+        dtheta = post.approximation.layout.join({n: draws[n] - self.mean[n] for n in self.names})
         f_s = f_mu + torch.einsum("mcd,sd->smc", J, dtheta)
         noise_s = {k: v.expand((S,) + tuple(v.shape)) for k, v in noise.items()}
         return GLMPrediction(f_s, model.likelihood.conditional(f_s, noise_s), f_mu, F, model.likelihood, noise)
@@ -651,7 +526,7 @@ class GLMPrediction(Prediction):
         if self.f_mean.shape[-1] == 1:
             return self._marginal().log_prob(y.reshape(-1))
         cov = self.f_cov + torch.diag_embed(self._noise_var())
-        return dist.MultivariateNormal(self.f_mean, covariance_matrix=cov).log_prob(y)
+        return MultivariateNormal(self.f_mean, covariance_matrix=cov).log_prob(y)
 
     def cdf(self, y: torch.Tensor) -> torch.Tensor:
         return self._marginal().cdf(torch.as_tensor(y, dtype=self.f_mean.dtype))

@@ -1,13 +1,15 @@
 """Stochastic-gradient MCMC backends: SGLD, SGHMC, pSGLD and cyclical SGLD / SGHMC.
 
-Each backend runs one of the Pyro ``MCMCKernel`` drivers of :mod:`pbnn.engine.sgmcmc` under
-``pyro.infer.MCMC`` (one run per chain) and collects the draws into a Posterior. The
-update rules and schedules live in :mod:`pbnn.engine.sgmcmc`; see ``docs/sgmcmc.md``.
+Each backend runs its update rule and schedule (:mod:`pbnn.kernels.sgmcmc`) through the one
+chain runner (:func:`pbnn.engine.chains.sample_sgmcmc`), one chain after another (spread
+over the ranks under ``torch.distributed``), on the model's potential. Each backend is also a
+Pyro ``MCMCKernel`` for ``pyro.infer.MCMC`` (:class:`SGLDKernel`, ...: thin adapters over the
+same options and kernels); see ``docs/sgmcmc.md``.
 
-Step size convention: ``step_size`` is the learning rate on the mean loss per data point
-(the form of the cyclical SG-MCMC reference code), so the Langevin step of Welling & Teh
-is ``eps = 2 * step_size / N``: it shrinks as ``1 / N`` as the posterior narrows, and one
-default serves data sets of any size once the inputs and targets are standardised.
+Learning-rate convention: ``lr`` (formerly ``step_size``) is the learning rate on the mean
+loss per data point (the form of the cyclical SG-MCMC reference code), so the Langevin step
+of Welling & Teh is ``eps = 2 * lr / N``: it shrinks as ``1 / N`` as the posterior narrows,
+and one default serves data sets of any size once the inputs and targets are standardised.
 
 Example:
     >>> import torch, pbnn
@@ -21,28 +23,34 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-import pyro
 import torch
+from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 
-from pbnn.engine import distributed, mcmc
-from pbnn.core.data import Data
-from pbnn.infer.base import Backend, check_nonneg_int, check_positive, check_positive_int, register
-from pbnn.core.model import BNN
-from pbnn.posterior.posterior import Posterior
-from pbnn.engine.sgmcmc import (
-    CyclicalSGHMCKernel,
-    CyclicalSGLDKernel,
-    PSGLDKernel,
-    SGHMCKernel,
-    SGLDKernel,
-    chain_initial_params,
-    is_exploration,
-    map_warm_start,
-)
-from pbnn.engine.training import seeded
+from pbnn.core.data import validate
+from pbnn.core.options import nonneg, nonneg_int, one_of, option, optional, positive, positive_int, probability
+from pbnn.core.potential import Potential
+from pbnn.engine import chains, distributed
+from pbnn.engine.optim import resolve_batch_size
+from pbnn.infer.base import Backend, ChainOptions, RunOptions, register
+from pbnn.kernels import sgmcmc
+from pbnn.posterior.diagnostics import convergence_warning
 
-__all__ = ["SGLD", "SGHMC", "PSGLD", "CyclicalSGLD", "CyclicalSGHMC"]
+__all__ = [
+    "SGLD",
+    "SGHMC",
+    "PSGLD",
+    "CyclicalSGLD",
+    "CyclicalSGHMC",
+    "cycle_length_for",
+    "SGMCMCKernel",
+    "SGLDKernel",
+    "SGHMCKernel",
+    "PSGLDKernel",
+    "CyclicalSGLDKernel",
+    "CyclicalSGHMCKernel",
+]
 
 
 # "auto" compiles the gradient for runs of at least this many gradient steps: ~10 s of
@@ -50,104 +58,88 @@ __all__ = ["SGLD", "SGHMC", "PSGLD", "CyclicalSGLD", "CyclicalSGHMC"]
 COMPILE_MIN_STEPS = 100_000
 
 
-class _SGMCMC(Backend):
-    """Options shared by every SG-MCMC backend (see :class:`SGLD` for their meaning)."""
+def friction_check(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
 
-    default_step_size = 1e-2
-    default_init = "net"
 
-    def __init__(
-        self,
-        num_samples: int = 1000,
-        warmup: int = 1000,
-        num_chains: int = 1,
-        step_size: float | None = None,
-        batch_size: int | None = None,
-        thinning: int = 10,
-        temperature: float = 1.0,
-        seed: int | None = None,
-        progress: bool = True,
-        compile: bool | str = "auto",
-        *,
-        init: str | None = None,
-        map_steps: int = 3000,
-    ) -> None:
-        self.num_samples = check_positive_int("num_samples", num_samples)
-        self.warmup = check_nonneg_int("warmup", warmup)
-        self.num_chains = check_positive_int("num_chains", num_chains)
-        self.step_size = self.default_step_size if step_size is None else check_positive("step_size", step_size)
-        self.batch_size = batch_size
-        self.thinning = check_positive_int("thinning", thinning)
-        if not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        self.temperature = float(temperature)
-        self.seed = seed
-        self.progress = progress
-        self.compile = mcmc.check_compile(compile)
-        self.init = self.default_init if init is None else init
-        if self.init not in ("net", "map", "auto"):
-            raise ValueError(f"init must be 'net', 'map' or 'auto', got {init!r}")
-        self.map_steps = check_positive_int("map_steps", map_steps)
+def fraction_check(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} (the fraction beta of each cycle) must be in [0, 1), got {value!r}")
+    return float(value)
 
-    def _warm_start(self, model, data: Data) -> bool:
-        if self.init == "auto":  # see CyclicalSGLD: a BNN without a learned noise scale
-            return isinstance(model, BNN) and not model.noise_sites(model.output_dim(data.x))
-        return self.init == "map"
 
-    def _kernel(self, model, seed: int):
+@dataclass(frozen=True, kw_only=True)
+class _SGMCMC(Backend, RunOptions, ChainOptions):
+    """Options and the run shared by every SG-MCMC backend (see :class:`SGLD` for their meaning)."""
+
+    renamed = {"step_size": "lr"}
+    num_samples: int = option(1000, positive_int)
+    warmup: int = option(1000, nonneg_int)
+    num_chains: int = option(1, positive_int)
+    thinning: int = option(10, positive_int)
+    init: str = option("net", one_of("net", "map", "auto"))
+    init_jitter: float = option(0.0, nonneg)
+    map_steps: int = option(3000, positive_int)
+    warn: bool = False
+    lr: float = option(1e-2, positive)
+    batch_size: int | None = option(None, optional(positive_int))
+    temperature: float = option(1.0, nonneg)
+    compile: bool | str = option("auto", one_of(True, False, "auto"))
+
+    def _rule(self, num_data: int) -> sgmcmc.Rule:
+        return sgmcmc.sgld(num_data, self.temperature)
+
+    def _schedule(self) -> sgmcmc.Schedule:
         raise NotImplementedError
 
-    def _common(self, seed: int) -> dict:
-        return {
-            "batch_size": self.batch_size,
-            "thinning": self.thinning,
-            "temperature": self.temperature,
-            "seed": seed,
-            "compile": mcmc.should_compile(
-                self.compile, (self.num_samples + self.warmup) * self.thinning * self.num_chains, COMPILE_MIN_STEPS
-            ),
-        }
+    def _warm_start(self, potential) -> bool:
+        if self.init == "auto":  # see CyclicalSGLD: a BNN without a learned noise scale
+            return potential.kind == "bnn" and not potential.model.noise_sites(potential.out_dim)
+        return self.init == "map"
 
-    def fit(self, model, data: Data) -> Posterior:
-        warm_start = self._warm_start(model, data)
+    def run(self, potential):
+        potential.require(self.name, minibatch=resolve_batch_size(self.batch_size, len(potential.data)) is not None)
+        warm_start = self._warm_start(potential)
+        steps = (self.num_samples + self.warmup) * self.thinning * self.num_chains
+        compile = chains.should_compile(self.compile, steps, COMPILE_MIN_STEPS)
+        rule, schedule = self._rule(len(potential.data)), self._schedule()
 
         def run(c: int, gen: torch.Generator):  # chain c; its randomness depends only on (seed, c)
-            with pyro.get_param_store().scope():
-                init = chain_initial_params(model, data, c)
-                if warm_start:
-                    init = map_warm_start(
-                        model, data, init, num_steps=self.map_steps, batch_size=self.batch_size, progress=self.progress
-                    )
-                kernel = self._kernel(model, int(torch.randint(0, 2**62, (), generator=gen).item()))
-                mcmc = pyro.infer.MCMC(
-                    kernel,
-                    num_samples=self.num_samples,
-                    warmup_steps=self.warmup,
-                    initial_params=init,
-                    disable_progbar=not self.progress,
+            z = chains.chain_start(potential, c)
+            if self.init_jitter > 0:
+                z = z + self.init_jitter * torch.randn(z.shape, dtype=z.dtype)
+            if warm_start:
+                z = chains.warm_start(
+                    potential, z, num_steps=self.map_steps, batch_size=self.batch_size, progress=self.progress
                 )
-                mcmc.run(data.x, data.y)
-            stats = {k: torch.tensor(v)[None] for k, v in kernel.stats.items()}
-            return mcmc.get_samples(group_by_chain=True), stats, [kernel._step], [(kernel._source.fixed, type(kernel))]
+            own = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=gen).item()))
+            grad = chains.sg_gradient(potential, self.batch_size, own, compile, self.name)
+            return chains.sample_sgmcmc(
+                grad,
+                rule,
+                schedule,
+                z,
+                num_samples=self.num_samples,
+                warmup=self.warmup,
+                generator=own,
+                name=type(self).__name__,
+                progress=self.progress,
+            )
 
         # Distributed: several chains are spread over the ranks; one chain runs on every rank
         # with data-parallel gradients and the same noise (see pbnn.distributed).
-        with seeded(distributed.broadcast_seed(self.seed)):
-            gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
-            samples, sample_stats, steps, last = distributed.map_chains(run, self.num_chains, gen)
-        fixed, kernel_class = last[-1]
-        return Posterior(
-            model,
-            samples,
-            data=data,
-            method=self.name,
-            sample_stats=sample_stats,
-            fixed=fixed,
-            info={"gradient_steps": steps, "step_size": self.step_size, "kernel": kernel_class.__name__},
-        )
+        result = distributed.map_chains(run, self.num_chains, chains.chain_generator())
+        info = {"gradient_steps": result.final["gradient_steps"], "lr": self.lr}
+        if self.warn:
+            info["diagnostics"] = convergence_warning(result.draws, None, type(self).__name__)
+        samples = {k: v.detach() for k, v in potential.layout.constrain(result.draws).items()}
+        return self.posterior(potential, samples, sample_stats=result.stats, fixed=potential.fixed, info=info)
 
 
 @register("sgld")
+@dataclass(frozen=True, kw_only=True)
 class SGLD(_SGMCMC):
     """Stochastic-gradient Langevin dynamics (Welling & Teh 2011) on minibatches.
 
@@ -162,9 +154,9 @@ class SGLD(_SGMCMC):
         warmup: transitions discarded at the start of each chain (burn-in).
         num_chains: chains, run one after another; chain 0 starts at the network's own
             initialisation, later chains at a fresh ``reset_parameters()`` draw.
-        step_size: learning rate ``lr`` on the per-datum loss; the Langevin step is
-            ``eps = 2 lr / N``, so it scales as ``1 / N`` with the data size (the usual
-            choice in the SGLD literature). None: 1e-2, stable on standardised inputs and
+        lr: learning rate on the per-datum loss (formerly ``step_size``); the Langevin step
+            is ``eps = 2 lr / N``, so it scales as ``1 / N`` with the data size (the usual
+            choice in the SGLD literature). Default 1e-2, stable on standardised inputs and
             targets for small MLPs. The largest stable ``lr`` is about ``2 / lambda_max`` of
             the per-datum loss; it shrinks with the noise scale (``lambda ~ 1 / sigma^2``),
             and a plain SGLD chain that is near that limit keeps the learned noise scale
@@ -173,72 +165,51 @@ class SGLD(_SGMCMC):
         thinning: gradient steps per kept draw (and per warm-up transition).
         temperature: T multiplies the noise variance; T = 1 is the Bayes posterior, T < 1
             a cold posterior (never the default).
-        compile: ``torch.compile`` the minibatch gradient (:class:`pbnn.engine.mcmc.Target`): ``True``,
+        compile: ``torch.compile`` the minibatch gradient (:class:`pbnn.kernels.hmc.Target`): ``True``,
             ``False`` or ``"auto"`` (runs of at least ``COMPILE_MIN_STEPS`` = 100,000 gradient
-            steps over all chains, where the ~10 s of compilation pays off).
+            steps over all chains, where the ~10 s of compilation pays off); ignored for Pyro models.
         schedule: ``"constant"`` or ``"polynomial"``: ``a (b + t)^-gamma`` with
-            ``b = decay_b``, ``gamma = decay_gamma`` and ``a`` such that step 0 has ``step_size``.
-        seed: seed for the kernel's noise, minibatches and chain starts.
-        progress: show Pyro's progress bar.
+            ``b = decay_b``, ``gamma = decay_gamma`` and ``a`` such that step 0 has ``lr``.
+        seed: seed for the noise, minibatches and chain starts.
+        progress: a progress bar per chain.
         init: ``"net"`` (default: each chain starts at its own initialisation, see
             ``num_chains``) or ``"map"``: from there, ``map_steps`` of Adam on the same target
-            and minibatches first (:func:`pbnn.engine.sgmcmc.map_warm_start`: a BNN's weights only,
+            and minibatches first (:func:`pbnn.engine.chains.warm_start`: a BNN's weights only,
             its noise scale stays at the prior median), so the chain starts near a mode and
             burn-in is short; ``"auto"``: ``"map"`` for a BNN without a learned noise scale
             (classification, fixed-noise regression), ``"net"`` otherwise.
         map_steps: Adam steps of the ``init="map"`` warm start (default 3000, as ``method="map"``).
+        init_jitter: standard deviation of ``N(0, jitter^2)`` noise added to each chain's start
+            in the unconstrained space (default 0).
+        warn: warn when R-hat or ESS say the chains did not converge (default False; numbers
+            in ``info["diagnostics"]``).
 
     The Posterior's ``sample_stats["step_size"]`` holds the learning rate of the step
     that produced each draw; there is no acceptance rate (SG-MCMC has no accept step).
 
     Example:
         >>> import pbnn
-        >>> pbnn.infer.SGLD(step_size=1e-4, thinning=5).step_size
+        >>> pbnn.infer.SGLD(lr=1e-4, thinning=5).lr
         0.0001
     """
 
-    name = "sgld"
-    kernel_class = SGLDKernel
+    schedule: str = option("constant", one_of("constant", "polynomial"))
+    decay_b: float = option(1000.0, positive)
+    decay_gamma: float = option(0.55, positive)
 
-    def __init__(
-        self,
-        num_samples: int = 1000,
-        warmup: int = 1000,
-        num_chains: int = 1,
-        step_size: float | None = None,
-        batch_size: int | None = None,
-        thinning: int = 10,
-        temperature: float = 1.0,
-        schedule: str = "constant",
-        decay_b: float = 1000.0,
-        decay_gamma: float = 0.55,
-        seed: int | None = None,
-        progress: bool = True,
-        compile: bool | str = "auto",
-        init: str | None = None,
-        map_steps: int = 3000,
-    ) -> None:
-        super().__init__(
-            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, seed, progress, compile,
-            init=init, map_steps=map_steps,
-        )  # fmt: skip
-        if schedule not in ("constant", "polynomial"):
-            raise ValueError(f"schedule must be 'constant' or 'polynomial', got {schedule!r}")
-        self.schedule, self.decay_b, self.decay_gamma = schedule, decay_b, decay_gamma
+    def validate(self) -> None:
+        super().validate()
+        if self.schedule == "polynomial" and not 0.5 < self.decay_gamma <= 1:
+            raise ValueError("the polynomial schedule needs decay_gamma in (0.5, 1] and decay_b > 0")
 
-    def _common(self, seed):
-        return {
-            **super()._common(seed),
-            "schedule": self.schedule,
-            "decay_b": self.decay_b,
-            "decay_gamma": self.decay_gamma,
-        }
-
-    def _kernel(self, model, seed):
-        return self.kernel_class(model, self.step_size, **self._common(seed))
+    def _schedule(self) -> sgmcmc.Schedule:
+        if self.schedule == "polynomial":
+            return sgmcmc.polynomial_schedule(self.lr, self.decay_b, self.decay_gamma, self.thinning)
+        return sgmcmc.constant_schedule(self.lr, self.thinning)
 
 
 @register("sghmc")
+@dataclass(frozen=True, kw_only=True)
 class SGHMC(SGLD):
     """Stochastic-gradient HMC (Chen, Fox & Guestrin 2014), in the cSGHMC form:
     ``m <- (1 - a) m - lr * grad L + sqrt(2 * lr * a * T / N) * xi``, ``theta <- theta + m``.
@@ -246,7 +217,7 @@ class SGHMC(SGLD):
     Args:
         friction: ``a`` in (0, 1]: the momentum decays by ``1 - a`` per step; ``a = 1`` is
             SGLD. Default 0.1 (momentum 0.9, Chen et al.'s range).
-        step_size: None: 1e-3 (SGHMC moves about ``1 / a`` times as far per step as SGLD at
+        lr: default 1e-3 (SGHMC moves about ``1 / a`` times as far per step as SGLD at
             the same ``lr``, so the default is SGLD's times ``a``).
         others: as :class:`SGLD`.
 
@@ -256,48 +227,21 @@ class SGHMC(SGLD):
         0.2
     """
 
-    name = "sghmc"
-    kernel_class = SGHMCKernel
-    default_step_size = 1e-3
+    lr: float = option(1e-3, positive)
+    friction: float = option(0.1, friction_check)
 
-    def __init__(
-        self,
-        num_samples: int = 1000,
-        warmup: int = 1000,
-        num_chains: int = 1,
-        step_size: float | None = None,
-        batch_size: int | None = None,
-        thinning: int = 10,
-        temperature: float = 1.0,
-        schedule: str = "constant",
-        decay_b: float = 1000.0,
-        decay_gamma: float = 0.55,
-        friction: float = 0.1,
-        seed: int | None = None,
-        progress: bool = True,
-        compile: bool | str = "auto",
-        init: str | None = None,
-        map_steps: int = 3000,
-    ) -> None:
-        super().__init__(
-            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, schedule, decay_b,
-            decay_gamma, seed, progress, compile, init, map_steps,
-        )  # fmt: skip
-        if not isinstance(friction, (int, float)) or not 0 < friction <= 1:
-            raise ValueError(f"friction must be in (0, 1], got {friction!r}")
-        self.friction = float(friction)
-
-    def _kernel(self, model, seed):
-        return SGHMCKernel(model, self.step_size, friction=self.friction, **self._common(seed))
+    def _rule(self, num_data: int) -> sgmcmc.Rule:
+        return sgmcmc.sghmc(num_data, self.friction, self.temperature)
 
 
 @register("psgld")
+@dataclass(frozen=True, kw_only=True)
 class PSGLD(SGLD):
     """Preconditioned SGLD (Li, Chen, Carlson & Carin 2016): RMSprop's diagonal
     preconditioner ``G = 1 / (eps + sqrt(V))`` scales drift and noise per weight.
 
     Args:
-        step_size: the RMSprop learning rate. None: 1e-3 (RMSprop's usual value).
+        lr: the RMSprop learning rate; default 1e-3 (RMSprop's usual value).
         alpha, eps: RMSprop's averaging constant (0.99) and ``lambda`` (1e-5).
         others: as :class:`SGLD`.
 
@@ -307,40 +251,12 @@ class PSGLD(SGLD):
         0.99
     """
 
-    name = "psgld"
-    kernel_class = PSGLDKernel
-    default_step_size = 1e-3
+    lr: float = option(1e-3, positive)
+    alpha: float = option(0.99, probability)
+    eps: float = option(1e-5, positive)
 
-    def __init__(
-        self,
-        num_samples: int = 1000,
-        warmup: int = 1000,
-        num_chains: int = 1,
-        step_size: float | None = None,
-        batch_size: int | None = None,
-        thinning: int = 10,
-        temperature: float = 1.0,
-        schedule: str = "constant",
-        decay_b: float = 1000.0,
-        decay_gamma: float = 0.55,
-        alpha: float = 0.99,
-        eps: float = 1e-5,
-        seed: int | None = None,
-        progress: bool = True,
-        compile: bool | str = "auto",
-        init: str | None = None,
-        map_steps: int = 3000,
-    ) -> None:
-        super().__init__(
-            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, schedule, decay_b,
-            decay_gamma, seed, progress, compile, init, map_steps,
-        )  # fmt: skip
-        if not 0 < alpha < 1 or not eps > 0:
-            raise ValueError(f"pSGLD needs 0 < alpha < 1 and eps > 0, got alpha={alpha!r}, eps={eps!r}")
-        self.alpha, self.eps = float(alpha), float(eps)
-
-    def _kernel(self, model, seed):
-        return PSGLDKernel(model, self.step_size, alpha=self.alpha, eps=self.eps, **self._common(seed))
+    def _rule(self, num_data: int) -> sgmcmc.Rule:
+        return sgmcmc.psgld(num_data, self.temperature, self.alpha, self.eps)
 
 
 def cycle_length_for(draws_per_cycle: int, thinning: int, exploration: float) -> int:
@@ -353,33 +269,36 @@ def cycle_length_for(draws_per_cycle: int, thinning: int, exploration: float) ->
     """
     length = max(1, math.ceil((draws_per_cycle - 1) * thinning / (1.0 - exploration)))
     while True:
-        first = next(j for j in range(length + 1) if j == length or not is_exploration(j + 1, length, 1, exploration))
+        samples = (j == length or not sgmcmc.is_exploration(j + 1, length, 1, exploration) for j in range(length + 1))
+        first = next(j for j, s in enumerate(samples) if s)
         if first < length and (length - 1 - first) // thinning + 1 >= draws_per_cycle:
             return length
         length += 1
 
 
-class _CyclicalMixin:
-    def _cyclical_kwargs(self) -> dict:
-        draws_per_cycle = math.ceil((self.warmup + self.num_samples) / self.num_cycles)
-        return {
-            "cycle_length": cycle_length_for(draws_per_cycle, self.thinning, self.exploration),
-            "num_cycles": self.num_cycles,
-            "exploration": self.exploration,
-        }
+@dataclass(frozen=True, kw_only=True)
+class _Cyclical(_SGMCMC):
+    warmup: int = option(0, nonneg_int)
+    init: str = option("auto", one_of("net", "map", "auto"))
+    num_cycles: int = option(4, positive_int)
+    exploration: float = option(0.5, fraction_check)
+    cycle_length: int | None = option(None, optional(positive_int))
 
-    def _cyclical_init(self, num_cycles, exploration):
-        self.num_cycles = check_positive_int("num_cycles", num_cycles)
-        if not isinstance(exploration, (int, float)) or not 0 <= exploration < 1:
-            raise ValueError(f"exploration (the fraction beta of each cycle) must be in [0, 1), got {exploration!r}")
-        self.exploration = float(exploration)
+    def validate(self) -> None:
+        super().validate()
         if self.num_samples + self.warmup < self.num_cycles:
             raise ValueError(f"num_samples + warmup must be >= num_cycles ({self.num_cycles}) to keep a draw per cycle")
 
+    def _schedule(self) -> sgmcmc.Schedule:
+        draws_per_cycle = math.ceil((self.warmup + self.num_samples) / self.num_cycles)
+        length = self.cycle_length or cycle_length_for(draws_per_cycle, self.thinning, self.exploration)
+        return sgmcmc.cyclical_schedule(self.lr, length, self.num_cycles, self.exploration, self.thinning)
+
 
 @register("csgld")
-class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
-    """Cyclical SGLD (Zhang, Li, Zhang, Chen & Wilson, ICLR 2020): a cosine step size
+@dataclass(frozen=True, kw_only=True)
+class CyclicalSGLD(_Cyclical):
+    """Cyclical SGLD (Zhang, Li, Zhang, Chen & Wilson, ICLR 2020): a cosine learning rate
     restarted ``num_cycles`` times; each cycle first explores (plain gradient steps, no
     noise, no draws) and then samples (SGLD noise on, draws kept), so one chain can visit
     several modes.
@@ -391,13 +310,13 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
     Args:
         num_cycles: M, the number of cycles (default 4).
         exploration: beta, the noise-free fraction of each cycle (default 0.5).
-        step_size: ``alpha_0``, the learning rate at each cycle's start; None: 5e-3. Each
+        lr: ``alpha_0``, the learning rate at each cycle's start; default 5e-3. Each
             cycle restarts at ``alpha_0`` wherever the last one ended (possibly a sharp, low-noise
             region), so it must be stable there: on the gap demo data 1e-2 and 2e-2 diverged at
             a cycle restart.
         warmup: transitions discarded (default 0: each exploration stage is the burn-in).
         init: default ``"auto"``: a MAP warm start of the weights (``map_steps`` Adam steps,
-            :func:`pbnn.engine.sgmcmc.map_warm_start`) before the first cycle for a BNN without a
+            :func:`pbnn.engine.chains.warm_start`) before the first cycle for a BNN without a
             learned noise scale (classification, fixed-noise regression); otherwise the
             network's initialisation (``"net"``; a Pyro model: its prior median). From the
             initialisation the noise-free exploration stages, SGD at an average rate
@@ -406,6 +325,8 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
             warm-started). With a learned noise scale the warm start hurts: the exploration
             stages then pull the scale down onto the training residuals of the trained net
             (Friedman, seed 0: test NLL 1.17 warm-started against 0.36 from scratch).
+        cycle_length: gradient steps per cycle; None (default): the shortest cycle whose
+            sampling stage holds ``ceil((warmup + num_samples) / num_cycles)`` draws.
         others: as :class:`SGLD` (no ``schedule``).
 
     ``sample_stats["cycle"]`` holds each draw's cycle (0-based) and
@@ -418,45 +339,18 @@ class CyclicalSGLD(_CyclicalMixin, _SGMCMC):
         5
     """
 
-    name = "csgld"
-    default_step_size = 5e-3
-    default_init = "auto"
-
-    def __init__(
-        self,
-        num_samples: int = 1000,
-        warmup: int = 0,
-        num_chains: int = 1,
-        step_size: float | None = None,
-        batch_size: int | None = None,
-        thinning: int = 10,
-        temperature: float = 1.0,
-        num_cycles: int = 4,
-        exploration: float = 0.5,
-        seed: int | None = None,
-        progress: bool = True,
-        compile: bool | str = "auto",
-        init: str | None = None,
-        map_steps: int = 3000,
-    ) -> None:
-        super().__init__(
-            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, seed, progress, compile,
-            init=init, map_steps=map_steps,
-        )  # fmt: skip
-        self._cyclical_init(num_cycles, exploration)
-
-    def _kernel(self, model, seed):
-        return CyclicalSGLDKernel(model, self.step_size, **self._cyclical_kwargs(), **self._common(seed))
+    lr: float = option(5e-3, positive)
 
 
 @register("csghmc")
-class CyclicalSGHMC(_CyclicalMixin, _SGMCMC):
+@dataclass(frozen=True, kw_only=True)
+class CyclicalSGHMC(_Cyclical):
     """Cyclical SGHMC (Zhang et al. 2020): :class:`CyclicalSGLD`'s schedule with SGHMC's
     momentum update; in the exploration stage it is SGD with momentum ``1 - friction``.
 
     Args:
         friction: ``a`` (default 0.9, the reference code's value; ``a = 1`` is cSGLD).
-        step_size: ``alpha_0``; None: 2e-3 (5e-3 diverged at a cycle restart on the gap demo data).
+        lr: ``alpha_0``; default 2e-3 (5e-3 diverged at a cycle restart on the gap demo data).
         others: as :class:`CyclicalSGLD`.
 
     Example:
@@ -465,38 +359,159 @@ class CyclicalSGHMC(_CyclicalMixin, _SGMCMC):
         0.9
     """
 
-    name = "csghmc"
-    default_step_size = 2e-3
-    default_init = "auto"
+    lr: float = option(2e-3, positive)
+    friction: float = option(0.9, friction_check)
 
-    def __init__(
-        self,
-        num_samples: int = 1000,
-        warmup: int = 0,
-        num_chains: int = 1,
-        step_size: float | None = None,
-        batch_size: int | None = None,
-        thinning: int = 10,
-        temperature: float = 1.0,
-        num_cycles: int = 4,
-        exploration: float = 0.5,
-        friction: float = 0.9,
-        seed: int | None = None,
-        progress: bool = True,
-        compile: bool | str = "auto",
-        init: str | None = None,
-        map_steps: int = 3000,
-    ) -> None:
-        super().__init__(
-            num_samples, warmup, num_chains, step_size, batch_size, thinning, temperature, seed, progress, compile,
-            init=init, map_steps=map_steps,
-        )  # fmt: skip
-        self._cyclical_init(num_cycles, exploration)
-        if not isinstance(friction, (int, float)) or not 0 < friction <= 1:
-            raise ValueError(f"friction must be in (0, 1], got {friction!r}")
-        self.friction = float(friction)
+    def _rule(self, num_data: int) -> sgmcmc.Rule:
+        return sgmcmc.sghmc(num_data, self.friction, self.temperature)
 
-    def _kernel(self, model, seed):
-        return CyclicalSGHMCKernel(
-            model, self.step_size, friction=self.friction, **self._cyclical_kwargs(), **self._common(seed)
+
+# ---------------------------------------------------------------------------- Pyro MCMCKernel adapters
+class SGMCMCKernel(MCMCKernel):
+    """A backend's sampler as a Pyro ``MCMCKernel``, so ``pyro.infer.MCMC`` runs it (progress
+    bar, ``hook_fn``, ``summary``): a thin adapter over the backend's declared options and
+    :func:`pbnn.kernels.sgmcmc.transition`.
+
+    The kernel owns its data (given to ``MCMC.run(x, y)``), builds the model's potential
+    from it, draws its own minibatches and keeps the sampler's state; one ``sample`` call is
+    one transition (``thinning`` gradient steps; for the cyclical kernels, up to the next
+    collection point of a sampling stage). ``warmup_steps`` and ``num_samples`` count
+    transitions. ``stats`` holds each kept draw's learning rate (and cycle).
+
+    Args:
+        model: a :class:`pbnn.BNN` or a Pyro model ``model(x, y=None, subsample=None)``.
+        lr: learning rate on the per-datum loss (formerly ``step_size``, still accepted with
+            a DeprecationWarning).
+        options: the backend's (``batch_size``, ``thinning`` (default 1 here), ``temperature``,
+            ``schedule``, ``decay_b``, ``decay_gamma``, ``friction``, ``alpha``, ``eps``,
+            ``cycle_length``, ``num_cycles``, ``exploration``, ``seed``: the kernel's own
+            generator; ``compile`` (default False here)).
+
+    Example:
+        >>> import torch, pyro, pbnn
+        >>> x = torch.randn(100, 1); y = 2 * x[:, 0] + 0.1 * torch.randn(100)
+        >>> model = pbnn.BNN(torch.nn.Linear(1, 1), likelihood=pbnn.likelihoods.Gaussian(0.1))
+        >>> kernel = SGLDKernel(model, lr=1e-3, seed=0)
+        >>> mcmc = pyro.infer.MCMC(kernel, num_samples=200, warmup_steps=200, disable_progbar=True)
+        >>> mcmc.run(x, y)
+        >>> round(float(mcmc.get_samples()["weight"].mean()), 1), kernel.thinning
+        (2.0, 1)
+    """
+
+    backend: type[_SGMCMC] = SGLD
+
+    def __init__(self, model, lr: float | None = None, **options) -> None:
+        self.model = model
+        given = {} if lr is None else {"lr": lr}
+        self.options = self.backend(**{"thinning": 1, "compile": False, **options, **given})
+        self.method = self.options.name
+        self.transforms = self.potential = self._generator = self._init = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name in ("options", "model"):
+            raise AttributeError(name)
+        return getattr(self.options, name)
+
+    def _schedule(self, step: int) -> float:
+        """The learning rate of gradient step ``step`` (1-based)."""
+        return self.options._schedule().lr(step)
+
+    def setup(self, warmup_steps: int, x=None, y=None, *args, **kwargs) -> None:
+        """Take the data (``MCMC.run(x, y)``), build the potential and gradient, reset the chain state."""
+        if x is None or y is None or args or kwargs:
+            raise ValueError("SG-MCMC kernels own their data and take exactly MCMC(...).run(x, y)")
+        self.potential = Potential(self.model, validate(self.model, x, y))
+        # Pyro's MCMC wants constrained -> unconstrained transforms (it applies .inv to the draws).
+        self.transforms = {n: t.inv for n, t in zip(self.potential.names, self.potential.transforms)}
+        if self._generator is None:  # kept across chains, so sequential chains differ
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self._generator = torch.Generator().manual_seed(seed)
+        compile = self.compile is True  # "auto" has no run length to go by here: eager
+        self._grad = chains.sg_gradient(self.potential, self.batch_size, self._generator, compile, self.method)
+        self._rule, self._sched = self.options._rule(len(self.potential.data)), self.options._schedule()
+        start = self.potential.initial_z() if self._init is None else self.potential.layout.join(self._init)
+        self._state = sgmcmc.init(self._rule, start.detach().clone(), self.lr)
+        self.warmup_steps, self._transitions, self._last = warmup_steps, 0, None
+        self.stats: dict[str, list] = {"step_size": []}
+
+    _z = property(lambda self: self._state.z)
+    _step = property(lambda self: self._state.step)
+
+    @property
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        """Unconstrained initial values ``{site: tensor}`` (the network's own init for a BNN)."""
+        if self.potential is None:
+            raise RuntimeError("call setup (MCMC.run) first")
+        return self.potential.layout.split(self._state.z)
+
+    @initial_params.setter
+    def initial_params(self, params: dict[str, torch.Tensor]) -> None:
+        self._init = params
+        if self.potential is not None:
+            self._state = self._state._replace(z=self.potential.layout.join(params).detach())
+
+    def sample(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One transition: gradient steps up to the next collection point; returns unconstrained params."""
+        z = self._state.z if params is self._last else self.potential.layout.join(params).detach()
+        state = self._state._replace(z=z)
+        self._state, info = sgmcmc.transition(
+            state, self._grad, self._rule, self._sched, self._generator, type(self).__name__
         )
+        self._transitions += 1
+        if self._transitions > self.warmup_steps:
+            self.stats["step_size"].append(self._state.lr)
+            if "cycle" in info:
+                self.stats.setdefault("cycle", []).append(int(info["cycle"]))
+        self._last = self.potential.layout.split(self._state.z)
+        return self._last
+
+    def logging(self) -> dict:
+        return {"step size": f"{self._state.lr:.2e}", "grad steps": self._state.step}
+
+    def diagnostics(self) -> dict:
+        return {"gradient_steps": self._state.step}
+
+
+class SGLDKernel(SGMCMCKernel):
+    """:class:`SGLD` as a Pyro ``MCMCKernel`` (see :class:`SGMCMCKernel`)."""
+
+
+class SGHMCKernel(SGMCMCKernel):
+    """:class:`SGHMC` as a Pyro ``MCMCKernel``.
+
+    Example:
+        >>> import torch, pbnn
+        >>> SGHMCKernel(pbnn.BNN(torch.nn.Linear(1, 1)), lr=1e-3, friction=0.1).friction
+        0.1
+    """
+
+    backend = SGHMC
+
+
+class PSGLDKernel(SGMCMCKernel):
+    """:class:`PSGLD` as a Pyro ``MCMCKernel``."""
+
+    backend = PSGLD
+
+
+class CyclicalSGLDKernel(SGMCMCKernel):
+    """:class:`CyclicalSGLD` as a Pyro ``MCMCKernel``; pass ``cycle_length`` (gradient steps
+    per cycle) and ``num_cycles`` (the schedule keeps cycling if the run is longer).
+
+    Example:
+        >>> import torch, pbnn
+        >>> k = CyclicalSGLDKernel(pbnn.BNN(torch.nn.Linear(1, 1)), 0.1, cycle_length=100, num_cycles=4)
+        >>> k.cycle_length * k.num_cycles
+        400
+    """
+
+    backend = CyclicalSGLD
+
+    def logging(self):
+        return {**super().logging(), "cycle": self._sched.cycle(max(self._step, 1))}
+
+
+class CyclicalSGHMCKernel(CyclicalSGLDKernel):
+    """:class:`CyclicalSGHMC` as a Pyro ``MCMCKernel`` (``friction`` default 0.9)."""
+
+    backend = CyclicalSGHMC

@@ -46,109 +46,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.distributions import Distribution, constraints
 
 from pbnn.core.options import nonneg_int, option, optional, positive, positive_int
 from pbnn.core.potential import Potential
 from pbnn.engine import distributed
 from pbnn.engine.optim import check_momentum, fit_map, fit_points, initial_points, resolve_batch_size, seeded
 from pbnn.infer.base import Backend, OptimOptions, RunOptions, register
-from pbnn.posterior.approx import FlatApproximation
+from pbnn.posterior.approx import FlatApproximation, SwagMoments, SWAGNormal
 from pbnn.posterior.posterior import Posterior
 from pbnn.posterior.predictive import has_batchnorm, predict_bn_refresh, predict_params
 
 __all__ = ["SWA", "SWAG", "MultiSWAG", "SwagMoments", "SWAGNormal", "swag_batch_size"]
-
-
-class SwagMoments:
-    """Running SWAG statistics of ``M`` independent runs of vectors ``theta`` ``[M, D]``.
-
-    Example:
-        >>> import torch
-        >>> mom = SwagMoments(dim=2, rank=2)
-        >>> for t in ([1.0, 0.0], [3.0, 2.0], [2.0, 4.0]):
-        ...     mom.update(torch.tensor([t]))
-        >>> mom.mean, mom.diag, mom.deviations.shape
-        (tensor([[2., 2.]]), tensor([[0.6667, 2.6667]]), torch.Size([1, 2, 2]))
-    """
-
-    def __init__(self, dim: int, rank: int = 20, num_runs: int = 1) -> None:
-        self.rank = rank
-        self.n = 0
-        self.mean = torch.zeros(num_runs, dim)
-        self.sq_mean = torch.zeros(num_runs, dim)
-        self._devs: list[torch.Tensor] = []
-
-    def update(self, theta: torch.Tensor) -> None:
-        """Add one iterate ``theta`` ``[M, D]``."""
-        self.n += 1
-        self.mean = self.mean + (theta - self.mean) / self.n
-        self.sq_mean = self.sq_mean + (theta * theta - self.sq_mean) / self.n
-        if self.rank > 0:
-            self._devs.append(theta - self.mean)  # with the mean already updated, as in the paper's code
-            if len(self._devs) > self.rank:
-                self._devs.pop(0)
-
-    @property
-    def diag(self) -> torch.Tensor:
-        """``clamp(s - m^2, 1e-30)``, ``[M, D]``."""
-        return (self.sq_mean - self.mean**2).clamp_min(1e-30)
-
-    @property
-    def deviations(self) -> torch.Tensor:
-        """The last ``K`` deviation columns ``D``, ``[M, D, K]`` (``K = 0`` before any or with rank 0)."""
-        if not self._devs:
-            return self.mean.new_zeros(self.mean.shape + (0,))
-        return torch.stack(self._devs, -1)
-
-    def distribution(self, scale: float) -> SWAGNormal:
-        return SWAGNormal(self.mean, self.diag, self.deviations, scale)
-
-
-class SWAGNormal(Distribution):
-    """The SWAG Gaussian of ``M`` runs as an equal mixture over runs, over one flat vector.
-
-    ``sample((S,))`` gives ``[S, D]``: draw ``i`` comes from run ``i mod M`` and is
-    ``m + sqrt(scale) * (Sigma_diag^(1/2) z1 + D z2 / sqrt(max(K - 1, 1)))``.
-    """
-
-    arg_constraints: dict = {}
-    support = constraints.real_vector
-
-    def __init__(self, mean: torch.Tensor, diag: torch.Tensor, deviations: torch.Tensor, scale: float) -> None:
-        self.loc_runs, self.diag, self.dev, self.scale = mean, diag, deviations, float(scale)
-        super().__init__(torch.Size(), mean.shape[-1:], validate_args=False)
-
-    @property
-    def num_runs(self) -> int:
-        return self.loc_runs.shape[0]
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.loc_runs.mean(0)
-
-    def covariance_matrix_of_run(self, m: int = 0) -> torch.Tensor:
-        """``scale * (Sigma_diag + D D^T / (K - 1))`` of run ``m``, ``[D, D]``."""
-        k = self.dev.shape[-1]
-        d = self.dev[m]
-        return self.scale * (torch.diag(self.diag[m]) + d @ d.T / max(k - 1, 1))
-
-    def sample_runs(self, num_per_run: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``num_per_run`` draws from every run: ``[M, S, D]``."""
-        m, dim = self.loc_runs.shape
-        k = self.dev.shape[-1]
-        z1 = torch.randn(m, num_per_run, dim, generator=generator)
-        out = self.loc_runs[:, None] + math.sqrt(self.scale) * self.diag.sqrt()[:, None] * z1
-        if k > 0:
-            z2 = torch.randn(m, num_per_run, k, generator=generator)
-            out = out + math.sqrt(self.scale) * torch.einsum("mdk,msk->msd", self.dev, z2) / math.sqrt(max(k - 1, 1))
-        return out
-
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        num = int(math.prod(sample_shape))
-        per_run = math.ceil(num / self.num_runs)
-        draws = self.sample_runs(per_run).transpose(0, 1).reshape(-1, self.loc_runs.shape[-1])[:num]
-        return draws.reshape(tuple(sample_shape) + (self.loc_runs.shape[-1],))
 
 
 def swag_batch_size(batch_size: int | None, n: int) -> int | None:

@@ -1,9 +1,19 @@
-"""A fitted distribution over the latent sites, kept by a Posterior for fresh draws.
+"""Fitted Gaussian-like posteriors over the flat unconstrained vector ``z``, kept by a Posterior.
 
-Backends that fit a distribution (SVI guides, Laplace) describe it as a torch
-distribution ``q`` over one flat *unconstrained* vector plus the list of sites it packs:
-``(name, unconstrained shape, bijection to the site's support)``. Drawing from it never
-needs the Pyro param store or the guide that produced it, so a saved Posterior can draw.
+One interface, :class:`Approximation`, for the backends that fit a distribution instead of
+(or besides) drawing samples. It packs sites with the model's own
+:class:`pbnn.potential.SiteLayout` (``(name, unconstrained shape, bijection to the support)``
+per site; a Laplace approximation covers only its weight subset) and offers draws, the log
+density, the mean and ``J Sigma J^T`` (the covariance product the linearised Laplace
+predictive needs). Drawing never needs the Pyro param store or the guide that produced it,
+so a saved Posterior can draw. Implementations:
+
+* :class:`FlatApproximation`: any torch distribution ``q`` over ``z``: SVI guides (diagonal,
+  low-rank, full-rank), dense and diagonal Laplace, SWAG (``q`` a :class:`SWAGNormal`);
+* :class:`KroneckerApproximation`: per ``nn.Linear`` layer precision ``G kron A + delta I``
+  (KFAC Laplace);
+* :class:`SWAGNormal`: low-rank plus diagonal (SWAG's ``scale * (Sigma_diag + D D^T / (K - 1))``,
+  a mixture over independent runs), built from the running :class:`SwagMoments`.
 
 Example:
     >>> import torch, pbnn
@@ -13,6 +23,8 @@ Example:
     ...                                       ("sigma", torch.Size([]), transforms.ExpTransform())])
     >>> {k: tuple(v.shape) for k, v in a.sample(5, seed=0).items()}
     {'w': (5, 2), 'sigma': (5,)}
+    >>> a.functional_covariance(torch.ones(4, 1, 3)).shape    # J Sigma J^T for J [M, C, D]
+    torch.Size([4, 1, 1])
 """
 
 from __future__ import annotations
@@ -20,40 +32,282 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributions import Distribution, Transform
+from torch.distributions import (
+    Distribution,
+    Independent,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+    Normal,
+    Transform,
+    constraints,
+)
+from torch.distributions.transforms import identity_transform
 
-__all__ = ["FlatApproximation"]
+from pbnn.core.potential import SiteLayout
+
+__all__ = ["Approximation", "FlatApproximation", "KroneckerApproximation", "SWAGNormal", "SwagMoments"]
 
 
-class FlatApproximation:
-    """``q(z)`` over a flat unconstrained vector ``z`` and how to unpack it into sites."""
+class Approximation:
+    """A distribution over the flat unconstrained ``z`` of :attr:`layout`'s sites.
 
-    def __init__(self, q: Distribution, sites: list[tuple[str, torch.Size, Transform]]) -> None:
-        dim = sum(int(math.prod(shape)) for _, shape, _ in sites)
-        if q.event_shape != torch.Size([dim]):
-            raise ValueError(f"q has event shape {tuple(q.event_shape)}, but the sites pack {dim} numbers")
-        self.q = q
-        self.sites = list(sites)
+    Implement :meth:`sample_z`, :meth:`log_prob`, :attr:`loc` and :meth:`functional_covariance`;
+    :meth:`sample` and :attr:`mean` (constrained site values) follow from the layout.
+    """
 
-    def unpack(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split ``z`` of shape ``[..., D]`` into constrained site values ``[..., *shape]``."""
-        out, pos = {}, 0
-        batch = z.shape[:-1]
-        for name, shape, transform in self.sites:
-            size = int(math.prod(shape))
-            out[name] = transform(z[..., pos : pos + size].reshape(batch + shape))
-            pos += size
-        return out
+    layout: SiteLayout
+
+    def sample_z(self, num_samples: int) -> torch.Tensor:  # [num_samples, D], torch's global RNG
+        raise NotImplementedError
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:  # z [..., D] (unconstrained) -> [...]
+        raise NotImplementedError
+
+    @property
+    def loc(self) -> torch.Tensor:  # the mean of z, [D]
+        raise NotImplementedError
+
+    def functional_covariance(self, jac: torch.Tensor) -> torch.Tensor:
+        """``J Sigma J^T`` ``[M, C, C]`` (float64) for a Jacobian ``jac`` ``[M, C, D]`` in ``z``."""
+        raise NotImplementedError
 
     def sample(self, num_samples: int, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """``num_samples`` draws, each site ``[num_samples, *shape]``; reproducible with ``seed``."""
+        """``num_samples`` draws, each site ``[num_samples, *shape]``; reproducible with ``seed``
+        (the caller's RNG state is restored either way)."""
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            z = self.q.sample((num_samples,))
-        return self.unpack(z)
+            z = self.sample_z(num_samples)
+        return self.layout.constrain(z)
 
     @property
     def mean(self) -> dict[str, torch.Tensor]:
-        """The site values at the mean of ``z`` (the mode for a Gaussian ``q``)."""
-        return self.unpack(self.q.mean)
+        """The site values at the mean of ``z`` (the mode for a Gaussian)."""
+        return self.layout.constrain(self.loc)
+
+
+class FlatApproximation(Approximation):
+    """``q(z)``, a torch distribution over the flat unconstrained ``z``, and the ``sites`` it packs
+    (a :class:`pbnn.potential.SiteLayout` or its ``(name, shape, transform)`` list)."""
+
+    def __init__(self, q: Distribution, sites: SiteLayout | list[tuple[str, torch.Size, Transform]]) -> None:
+        self.layout = sites if isinstance(sites, SiteLayout) else SiteLayout(list(sites))
+        if q.event_shape != torch.Size([self.layout.dim]):
+            raise ValueError(f"q has event shape {tuple(q.event_shape)}, but the sites pack {self.layout.dim} numbers")
+        self.q = q
+
+    def sample_z(self, num_samples: int) -> torch.Tensor:
+        return self.q.sample((num_samples,))
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.q.log_prob(z)
+
+    @property
+    def loc(self) -> torch.Tensor:
+        return self.q.mean
+
+    def functional_covariance(self, jac: torch.Tensor) -> torch.Tensor:
+        J, q = jac.double(), self.q
+        if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
+            return torch.einsum("mcd,d,med->mce", J, q.base_dist.scale.double() ** 2, J)
+        if isinstance(q, MultivariateNormal):
+            LtJ = torch.einsum("de,mcd->mce", q.scale_tril.double(), J)  # Sigma = L L^T
+            return torch.einsum("mce,mke->mck", LtJ, LtJ)
+        return J @ q.covariance_matrix.double() @ J.mT
+
+
+class KroneckerApproximation(Approximation):
+    """Gaussian over the weights of ``nn.Linear`` layers with precision ``G kron A + delta I`` per layer.
+
+    Args:
+        layers: ``(module prefix, weight site, bias site or None)`` per layer.
+        mean: the mean ``{site: value}``, in flat (``z``) order; each layer's sites contiguous.
+        factors: ``{prefix: (G [out, out], A [in+1, in+1])}``.
+        prior_precision: ``{prefix: delta}``.
+
+    Each layer's ``[W | b]`` (row-major) has precision ``(Q_G kron Q_A) (lam_G lam_A^T + delta)
+    (Q_G kron Q_A)^T`` from the eigendecompositions of its factors, so draws, the log density,
+    the log-determinant and ``J Sigma J^T`` cost only factor-sized work.
+
+    Example:
+        >>> import torch
+        >>> q = KroneckerApproximation([("", "weight", "bias")], {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)},
+        ...                            {"": (torch.eye(1), torch.eye(3))}, {"": 1.0})
+        >>> {k: tuple(v.shape) for k, v in q.sample(4, seed=0).items()}
+        {'weight': (4, 1, 2), 'bias': (4, 1)}
+        >>> round(float(q.log_prob(torch.zeros(3))), 4)     # N(0, I / 2) in 3 dimensions at its mean
+        -1.7171
+    """
+
+    def __init__(self, layers, mean: dict[str, torch.Tensor], factors: dict, prior_precision: dict) -> None:
+        self.layers = list(layers)
+        self.mean_values = {k: v.detach().clone() for k, v in mean.items()}
+        self.layout = SiteLayout([(n, v.shape, identity_transform) for n, v in self.mean_values.items()])
+        self.eig = {}
+        for p, _, _ in self.layers:
+            G, A = factors[p]
+            lg, qg = torch.linalg.eigh(G.double())
+            la, qa = torch.linalg.eigh(A.double())
+            self.eig[p] = (lg.clamp_min(0), qg, la.clamp_min(0), qa)  # PSD factors: clamp round-off negatives
+        self.set_prior_precision(prior_precision)
+
+    def set_prior_precision(self, prior_precision: dict) -> None:
+        self.prior_precision = {p: torch.as_tensor(prior_precision[p], dtype=torch.double) for p, _, _ in self.layers}
+
+    @staticmethod
+    def _matrix(values: dict, w: str, b: str | None) -> torch.Tensor:
+        W = values[w]
+        return W if b is None else torch.cat([W, values[b][..., None]], -1)
+
+    def _eigenvalues(self, p: str, delta=None) -> torch.Tensor:
+        lg, _, la, _ = self.eig[p]
+        return lg[:, None] * la[None, :] + (self.prior_precision[p] if delta is None else delta)
+
+    def logdet_precision(self, deltas: dict | None = None) -> torch.Tensor:
+        """``log det`` of the posterior precision (differentiable in ``deltas``)."""
+        return sum(self._eigenvalues(p, None if deltas is None else deltas[p]).log().sum() for p, _, _ in self.layers)
+
+    def sample_z(self, num_samples: int) -> torch.Tensor:
+        out = {}
+        for p, w, b in self.layers:
+            _, qg, _, qa = self.eig[p]
+            lam = self._eigenvalues(p)
+            eps = torch.randn((num_samples,) + tuple(lam.shape), dtype=torch.double) / lam.sqrt()
+            draw = self._matrix(self.mean_values, w, b) + (qg @ eps @ qa.T).to(self.mean_values[w].dtype)
+            out[w] = draw[..., : self.mean_values[w].shape[-1]]
+            if b is not None:
+                out[b] = draw[..., -1]
+        return self.layout.join(out)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        parts = self.layout.split(z.double() - self.loc.double())
+        total = -0.5 * self.layout.dim * math.log(2 * math.pi) + 0.5 * self.logdet_precision()
+        for p, w, b in self.layers:
+            _, qg, _, qa = self.eig[p]
+            T = qg.T @ self._matrix(parts, w, b) @ qa
+            total = total - 0.5 * (self._eigenvalues(p) * T**2).sum((-2, -1))
+        return total
+
+    @property
+    def loc(self) -> torch.Tensor:
+        return self.layout.join(self.mean_values)
+
+    def functional_covariance(self, jac: torch.Tensor) -> torch.Tensor:
+        per_site = self.layout.split(jac.double())  # {site: [M, C, *shape]}
+        total = 0.0
+        for p, w, b in self.layers:
+            _, qg, _, qa = self.eig[p]
+            T = qg.T @ self._matrix(per_site, w, b) @ qa  # [M, C, out, in(+1)] in the eigenbasis
+            total = total + torch.einsum("mcoi,mdoi,oi->mcd", T, T, 1.0 / self._eigenvalues(p))
+        return total
+
+
+# ----------------------------------------------------------------------------- SWAG
+class SwagMoments:
+    """Running SWAG statistics of ``M`` independent runs of vectors ``theta`` ``[M, D]``.
+
+    Example:
+        >>> import torch
+        >>> mom = SwagMoments(dim=2, rank=2)
+        >>> for t in ([1.0, 0.0], [3.0, 2.0], [2.0, 4.0]):
+        ...     mom.update(torch.tensor([t]))
+        >>> mom.mean, mom.diag, mom.deviations.shape
+        (tensor([[2., 2.]]), tensor([[0.6667, 2.6667]]), torch.Size([1, 2, 2]))
+    """
+
+    def __init__(self, dim: int, rank: int = 20, num_runs: int = 1) -> None:
+        self.rank = rank
+        self.n = 0
+        self.mean = torch.zeros(num_runs, dim)
+        self.sq_mean = torch.zeros(num_runs, dim)
+        self._devs: list[torch.Tensor] = []
+
+    def update(self, theta: torch.Tensor) -> None:
+        """Add one iterate ``theta`` ``[M, D]``."""
+        self.n += 1
+        self.mean = self.mean + (theta - self.mean) / self.n
+        self.sq_mean = self.sq_mean + (theta * theta - self.sq_mean) / self.n
+        if self.rank > 0:
+            self._devs.append(theta - self.mean)  # with the mean already updated, as in the paper's code
+            if len(self._devs) > self.rank:
+                self._devs.pop(0)
+
+    @property
+    def diag(self) -> torch.Tensor:
+        """``clamp(s - m^2, 1e-30)``, ``[M, D]``."""
+        return (self.sq_mean - self.mean**2).clamp_min(1e-30)
+
+    @property
+    def deviations(self) -> torch.Tensor:
+        """The last ``K`` deviation columns ``D``, ``[M, D, K]`` (``K = 0`` before any or with rank 0)."""
+        if not self._devs:
+            return self.mean.new_zeros(self.mean.shape + (0,))
+        return torch.stack(self._devs, -1)
+
+    def distribution(self, scale: float) -> SWAGNormal:
+        return SWAGNormal(self.mean, self.diag, self.deviations, scale)
+
+
+class SWAGNormal(Distribution):
+    """The SWAG Gaussian of ``M`` runs as an equal mixture over runs, over one flat vector.
+
+    Run ``m`` is ``N(mean_m, scale * (diag_m + D_m D_m^T / max(K - 1, 1)))``. ``sample((S,))``
+    gives ``[S, D]``: draw ``i`` comes from run ``i mod M`` and is
+    ``m + sqrt(scale) * (Sigma_diag^(1/2) z1 + D z2 / sqrt(max(K - 1, 1)))``.
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+
+    def __init__(self, mean: torch.Tensor, diag: torch.Tensor, deviations: torch.Tensor, scale: float) -> None:
+        self.loc_runs, self.diag, self.dev, self.scale = mean, diag, deviations, float(scale)
+        super().__init__(torch.Size(), mean.shape[-1:], validate_args=False)
+
+    @property
+    def num_runs(self) -> int:
+        return self.loc_runs.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc_runs.mean(0)
+
+    def _factor(self) -> torch.Tensor:
+        """``sqrt(scale) * D / sqrt(max(K - 1, 1))``, ``[M, D, K]``: the low-rank factor of each run."""
+        return math.sqrt(self.scale) * self.dev / math.sqrt(max(self.dev.shape[-1] - 1, 1))
+
+    def covariance_matrix_of_run(self, m: int = 0) -> torch.Tensor:
+        """``scale * (Sigma_diag + D D^T / (K - 1))`` of run ``m``, ``[D, D]``."""
+        k = self.dev.shape[-1]
+        d = self.dev[m]
+        return self.scale * (torch.diag(self.diag[m]) + d @ d.T / max(k - 1, 1))
+
+    @property
+    def covariance_matrix(self) -> torch.Tensor:
+        """Covariance of the mixture: the runs' mean covariance plus the covariance of their means."""
+        centred = self.loc_runs - self.mean
+        runs = [self.covariance_matrix_of_run(m) for m in range(self.num_runs)]
+        return torch.stack(runs).mean(0) + centred.T @ centred / self.num_runs
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self.dev.shape[-1] == 0:  # SWAG-diagonal
+            runs = Independent(Normal(self.loc_runs, (self.scale * self.diag).sqrt()), 1)
+        else:
+            runs = LowRankMultivariateNormal(self.loc_runs, self._factor(), self.scale * self.diag)
+        return torch.logsumexp(runs.log_prob(value[..., None, :]), -1) - math.log(self.num_runs)
+
+    def sample_runs(self, num_per_run: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``num_per_run`` draws from every run: ``[M, S, D]``."""
+        m, dim = self.loc_runs.shape
+        k = self.dev.shape[-1]
+        z1 = torch.randn(m, num_per_run, dim, generator=generator)
+        out = self.loc_runs[:, None] + math.sqrt(self.scale) * self.diag.sqrt()[:, None] * z1
+        if k > 0:
+            z2 = torch.randn(m, num_per_run, k, generator=generator)
+            out = out + math.sqrt(self.scale) * torch.einsum("mdk,msk->msd", self.dev, z2) / math.sqrt(max(k - 1, 1))
+        return out
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        num = int(math.prod(sample_shape))
+        per_run = math.ceil(num / self.num_runs)
+        draws = self.sample_runs(per_run).transpose(0, 1).reshape(-1, self.loc_runs.shape[-1])[:num]
+        return draws.reshape(tuple(sample_shape) + (self.loc_runs.shape[-1],))

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from pbnn.posterior.approx import FlatApproximation
 from pbnn.core.data import Data, as_tensor
 from pbnn.core.model import BNN
+from pbnn.posterior.approx import Approximation
 from pbnn.posterior.predictive import Prediction, predict_bnn, predict_pyro
 
 __all__ = ["Posterior"]
@@ -39,9 +39,9 @@ class Posterior:
         fixed: values of deterministic parameters (``pyro.param`` sites) after the fit.
         data: the training :class:`pbnn.data.Data` (for ArviZ's observed data and LOO).
         method: the backend's name.
-        approximation: an object with ``sample(num_samples, seed=None) -> {site: [S, ...]}``
-            (e.g. :class:`pbnn.approx.FlatApproximation`) when the backend fitted a
-            distribution (SVI, Laplace), so more draws can be made; else None.
+        approximation: the fitted distribution, a :class:`pbnn.approx.Approximation` (draws,
+            log density, mean, ``J Sigma J^T``), when the backend fitted one (SVI, Laplace,
+            SWAG), so more draws can be made; else None.
         predictor: optional ``predictor(posterior, draws, x) -> Prediction`` for backends
             whose predictive is not "evaluate the model at each draw" (e.g. a linearised
             Laplace predictive). Must be picklable (a module-level function or object) for
@@ -58,7 +58,7 @@ class Posterior:
         method: str,
         sample_stats: dict[str, torch.Tensor] | None = None,
         fixed: dict[str, torch.Tensor] | None = None,
-        approximation: FlatApproximation | None = None,
+        approximation: Approximation | None = None,
         predictor: Callable[[Posterior, dict[str, torch.Tensor], torch.Tensor], Prediction] | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:

@@ -1,33 +1,32 @@
-"""The gradient-based MCMC core shared by the NUTS, HMC and MH backends.
+"""Hamiltonian kernels: NUTS and static HMC transitions, and their warm-up adaptation.
 
 Everything here works on a *batch of chains* at once: positions are ``z [C, D]`` and the
-target is a function ``log_density(z [C, D]) -> [C]`` (e.g.
-:meth:`pbnn.potential.Potential.log_joint_batch`, which vmaps the model over chains). All
-chains take their leapfrog steps in lockstep, so one vectorised gradient serves every
-chain; a chain whose trajectory has already ended is masked out (its extra arithmetic is
-cheap next to the per-step Python overhead it saves).
+target is a :class:`Target` ``z [C, D] -> (logp [C], grad [C, D])``. All chains take their
+leapfrog steps in lockstep, so one vectorised gradient serves every chain; a chain whose
+trajectory has already ended is masked out (its extra arithmetic is cheap next to the
+per-step Python overhead it saves). The loop belongs to the caller
+(:func:`pbnn.engine.chains.run_chains`): a kernel is ``init`` / ``step`` on explicit
+NamedTuple state, in the spirit of BlackJAX.
 
-Pieces (each a small function on tensors):
-
-* :func:`value_and_grad` turns a batched log density into ``z -> (logp [C], grad [C, D])``.
-* :func:`nuts_step` is one No-U-Turn transition per chain (multinomial sampling inside
+* :func:`value_and_grad` / :class:`Target`: the batched log density and its gradient
+  (optionally ``torch.compile``'d together with the NUTS leaf).
+* :func:`nuts_step`: one No-U-Turn transition per chain (multinomial sampling inside
   subtrees, biased progressive sampling at the top, Stan's generalised U-turn criterion
   including the checks across merged subtrees, divergence at an energy error > 1000).
-* :func:`hmc_step` is one static-length HMC transition per chain.
-* :class:`DualAveraging` adapts a step size per chain (Hoffman & Gelman 2014).
-* :func:`warmup_windows` is Stan's windowed warm-up schedule for the diagonal mass matrix.
-* :func:`sample_chains` runs warm-up (step size, mass matrix) and sampling for either kernel.
-* :func:`split_rhat`, :func:`ess_bulk` and :func:`convergence_warning` diagnose the result
-  (rank-normalised split R-hat and bulk ESS as in Vehtari et al. 2021, via ``pyro.ops.stats``).
+* :func:`hmc_step`: one static-length HMC transition per chain.
+* :func:`init` / :func:`step` / :func:`warmup_init` / :func:`adapt`: a sampler's state
+  (:class:`HMCState`), one transition, and Stan's warm-up (dual averaging of the step size,
+  :func:`warmup_windows` for the diagonal mass matrix, :func:`find_step_size`).
 
 Example:
     >>> import torch
-    >>> from pbnn.engine.mcmc import sample_chains, value_and_grad
+    >>> from pbnn.kernels import hmc
     >>> target = value_and_grad(lambda z: -0.5 * (z**2).sum(-1))   # standard normal in 2-D
-    >>> out = sample_chains("nuts", target, torch.zeros(2, 2), num_samples=100, warmup=50,
-    ...                     generator=torch.Generator().manual_seed(0), progress=False)
-    >>> out.draws.shape, sorted(out.stats)[:3]
-    (torch.Size([2, 100, 2]), ['acceptance_rate', 'diverging', 'lp'])
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> state = hmc.init(target, torch.zeros(2, 2), gen)
+    >>> state, info = hmc.step(state, target, gen)
+    >>> state.z.shape, sorted(info)[:3]
+    (torch.Size([2, 2]), ['acceptance_rate', 'diverging', 'lp'])
 """
 
 from __future__ import annotations
@@ -36,23 +35,28 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
 __all__ = [
+    "Target",
     "value_and_grad",
     "nuts_step",
     "hmc_step",
-    "DualAveraging",
+    "HMCState",
+    "init",
+    "step",
+    "WarmupState",
+    "warmup_init",
+    "adapt",
+    "DualAveragingState",
+    "dual_averaging_init",
+    "dual_averaging_update",
     "warmup_windows",
+    "first_window_start",
     "find_step_size",
-    "sample_chains",
-    "MCMCResult",
-    "split_rhat",
-    "ess_bulk",
-    "convergence_warning",
+    "regularised_variance",
 ]
 
 GradFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -264,11 +268,9 @@ def _leaf_step(grad: GradFn, compiled: bool):
             if check:
                 sl = slice(check[0], check[-1] + 1)
                 turning = (~_no_uturn(ck_ps[sl], ps1[None], rho[None] - ck_rho[sl] + ck_r[sl])).any(0)
-        state = (
-            torch.where(m2, z1, z), torch.where(m2, r1, r), torch.where(m2, g1, g), torch.where(m, lp1, lp),
-            torch.where(m2, ps1, ps), zp, lpp, gp, new_log_w, rho, sum_acc, n, div | diverged,
-            m & ~diverged & ~turning, r_first, ps_first,
-        )  # fmt: skip
+        moved = [torch.where(m2, a, b) for a, b in ((z1, z), (r1, r), (g1, g))]
+        state = (*moved, torch.where(m, lp1, lp), torch.where(m2, ps1, ps), zp, lpp, gp, new_log_w, rho)
+        state += (sum_acc, n, div | diverged, m & ~diverged & ~turning, r_first, ps_first)
         return state, (ck_r, ck_ps, ck_rho)
 
     return leaf
@@ -289,11 +291,9 @@ def _build_subtree(
     C, D = z.shape
     K = max(max_tree_depth, 1)
     zeros = torch.zeros(C, D, dtype=z.dtype)
-    state = (
-        start["z"], start["r"], start["g"], start["lp"], start["ps"], start["z"], start["lp"], start["g"],
-        torch.full((C,), -math.inf, dtype=z.dtype), zeros, torch.zeros(C, dtype=z.dtype),
-        torch.zeros(C, dtype=torch.long), torch.zeros(C, dtype=torch.bool), active.clone(), zeros, zeros,
-    )  # fmt: skip
+    state = tuple(start[k] for k in ("z", "r", "g", "lp", "ps", "z", "lp", "g"))
+    state += (torch.full((C,), -math.inf, dtype=z.dtype), zeros, torch.zeros(C, dtype=z.dtype))
+    state += (torch.zeros(C, dtype=torch.long), torch.zeros(C, dtype=torch.bool), active.clone(), zeros, zeros)
     ck = tuple(torch.zeros(K, C, D, dtype=z.dtype) for _ in range(3))  # distinct: no aliasing guard
     tables = _checkpoint_tables(max_tree_depth, compiled)
     for k in range(2**depth):
@@ -402,41 +402,45 @@ def hmc_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, num_steps: int = 20):
 
 
 # ---------------------------------------------------------------------------- adaptation
-class DualAveraging:
-    """Nesterov dual averaging of ``log(step size)`` per chain (Hoffman & Gelman 2014, Stan's constants).
+class DualAveragingState(NamedTuple):
+    """Nesterov dual averaging of ``log(step size)`` per chain (Hoffman & Gelman 2014)."""
+
+    mu: torch.Tensor
+    h_bar: torch.Tensor
+    log_eps_bar: torch.Tensor
+    t: int
+
+
+def dual_averaging_init(eps0: torch.Tensor) -> DualAveragingState:
+    """Start (or restart) dual averaging around ``10 * eps0``."""
+    return DualAveragingState(torch.log(10 * eps0), torch.zeros_like(eps0), torch.zeros_like(eps0), 0)
+
+
+def dual_averaging_update(
+    state: DualAveragingState,
+    accept_stat: torch.Tensor,
+    target: float,
+    gamma: float = 0.05,
+    t0: float = 10.0,
+    kappa: float = 0.75,
+) -> tuple[DualAveragingState, torch.Tensor]:
+    """Feed one iteration's mean acceptance statistic; return the state and the next step
+    sizes (Stan's constants). ``state.log_eps_bar.exp()`` is the averaged step size.
 
     Example:
         >>> import torch
-        >>> da = DualAveraging(torch.tensor([0.1]), target=0.8)
-        >>> float(da.update(torch.tensor([1.0]))[0]) > 0.1   # accepted everything: grow the step
+        >>> _, eps = dual_averaging_update(dual_averaging_init(torch.tensor([0.1])), torch.tensor([1.0]), 0.8)
+        >>> float(eps[0]) > 0.1   # accepted everything: grow the step
         True
     """
-
-    def __init__(self, eps0: torch.Tensor, target: float, gamma: float = 0.05, t0: float = 10.0, kappa: float = 0.75):
-        self.target, self.gamma, self.t0, self.kappa = target, gamma, t0, kappa
-        self.restart(eps0)
-
-    def restart(self, eps0: torch.Tensor) -> None:
-        self.mu = torch.log(10 * eps0)
-        self.h_bar = torch.zeros_like(eps0)
-        self.log_eps_bar = torch.zeros_like(eps0)
-        self.t = 0
-
-    def update(self, accept_stat: torch.Tensor) -> torch.Tensor:
-        """Feed one iteration's mean acceptance statistic; return the next step sizes."""
-        self.t += 1
-        eta = 1.0 / (self.t + self.t0)
-        a = torch.nan_to_num(accept_stat, nan=0.0).clamp(0, 1)
-        self.h_bar = (1 - eta) * self.h_bar + eta * (self.target - a)
-        log_eps = self.mu - math.sqrt(self.t) / self.gamma * self.h_bar
-        w = self.t ** (-self.kappa)
-        self.log_eps_bar = w * log_eps + (1 - w) * self.log_eps_bar
-        return log_eps.exp()
-
-    @property
-    def final(self) -> torch.Tensor:
-        """The averaged step size used after warm-up."""
-        return self.log_eps_bar.exp()
+    t = state.t + 1
+    eta = 1.0 / (t + t0)
+    a = torch.nan_to_num(accept_stat, nan=0.0).clamp(0, 1)
+    h_bar = (1 - eta) * state.h_bar + eta * (target - a)
+    log_eps = state.mu - math.sqrt(t) / gamma * h_bar
+    w = t ** (-kappa)
+    log_eps_bar = w * log_eps + (1 - w) * state.log_eps_bar
+    return DualAveragingState(state.mu, h_bar, log_eps_bar, t), log_eps.exp()
 
 
 def warmup_windows(warmup: int, init_buffer: int = 75, term_buffer: int = 50, base_window: int = 25) -> list[int]:
@@ -468,6 +472,13 @@ def warmup_windows(warmup: int, init_buffer: int = 75, term_buffer: int = 50, ba
     return ends
 
 
+def first_window_start(warmup: int) -> int:
+    """The iteration at which the first slow window of :func:`warmup_windows` opens."""
+    if warmup < 20:
+        return warmup
+    return 75 if 75 + 25 + 50 <= warmup else int(0.15 * warmup)
+
+
 def find_step_size(z, lp, g, inv_mass, fn: GradFn, gen, eps0: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Hoffman & Gelman's heuristic per chain: double or halve until a single leapfrog
     step's acceptance probability crosses 0.8 (as Stan's ``init_stepsize``)."""
@@ -490,50 +501,27 @@ def find_step_size(z, lp, g, inv_mass, fn: GradFn, gen, eps0: float | torch.Tens
     return eps.clamp(min=1e-8, max=1e3)
 
 
-def _regularised_variance(window: torch.Tensor) -> torch.Tensor:
+def regularised_variance(window: torch.Tensor) -> torch.Tensor:
     """Stan's shrunk variance estimate from a window ``[n, C, D]`` of draws."""
     n = window.shape[0]
     var = window.var(0) if n > 1 else torch.ones_like(window[0])
     return (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
 
 
-# ---------------------------------------------------------------------------- driver
-@dataclass
-class MCMCResult:
-    """What :func:`sample_chains` returns: ``draws [C, S, D]``, ``stats {name: [C, S]}``,
-    the adapted ``step_size [C]`` and ``inv_mass [C, D]``."""
+# ---------------------------------------------------------------------------- sampler
+class HMCState(NamedTuple):
+    """Chains at ``z [C, D]`` with log density ``lp [C]``, gradient ``g [C, D]``, step sizes
+    ``step_size [C]`` and diagonal inverse mass matrices ``inv_mass [C, D]``."""
 
-    draws: torch.Tensor
-    stats: dict[str, torch.Tensor]
+    z: torch.Tensor
+    lp: torch.Tensor
+    g: torch.Tensor
     step_size: torch.Tensor
     inv_mass: torch.Tensor
 
 
-def sample_chains(
-    kernel: str,
-    fn: GradFn,
-    z0: torch.Tensor,
-    *,
-    num_samples: int,
-    warmup: int,
-    target_accept: float = 0.8,
-    max_tree_depth: int = 10,
-    num_steps: int = 20,
-    step_size: float | None = None,
-    adapt_step_size: bool = True,
-    adapt_mass_matrix: bool = True,
-    generator: torch.Generator,
-    progress: bool = True,
-    desc: str = "NUTS",
-) -> MCMCResult:
-    """Warm up and sample ``C`` chains of ``kernel`` (``"nuts"`` or ``"hmc"``) from ``z0 [C, D]``.
-
-    Warm-up: step size by dual averaging towards ``target_accept`` throughout; the diagonal
-    inverse mass matrix by the regularised variance of the draws in each of Stan's windows
-    (:func:`warmup_windows`), after which the step size is re-initialised and dual
-    averaging restarts. Sampling uses the averaged step size.
-    """
-    C, D = z0.shape
+def init(fn: GradFn, z0: torch.Tensor, gen: torch.Generator, step_size: float | None = None) -> HMCState:
+    """The state at ``z0 [C, D]``: unit mass, the step size given or found by :func:`find_step_size`."""
     z = z0.clone()
     lp, g = fn(z)
     if not bool(torch.isfinite(lp).all()):
@@ -541,287 +529,78 @@ def sample_chains(
             "the log density is not finite at the initial values of some chains; "
             "check the model, its prior and the data (standardise x and y)"
         )
-    inv_mass = torch.ones(C, D, dtype=z.dtype)
+    inv_mass = torch.ones_like(z)
     if step_size is None:
-        eps = find_step_size(z, lp, g, inv_mass, fn, generator)
+        eps = find_step_size(z, lp, g, inv_mass, fn, gen)
     else:
-        eps = torch.full((C,), float(step_size), dtype=z.dtype)
-    da = DualAveraging(eps, target_accept)
-    window_ends = warmup_windows(warmup) if adapt_mass_matrix else []
-    kept_for_mass: list[torch.Tensor] = []
-
-    def step(z, lp, g, eps):
-        if kernel == "nuts":
-            return nuts_step(z, lp, g, eps, inv_mass, fn, generator, max_tree_depth)
-        # Jitter the step size by up to +-20% so fixed-length trajectories are not periodic.
-        jittered = eps * (1 + 0.2 * (2 * torch.rand(C, generator=generator, dtype=z.dtype) - 1))
-        return hmc_step(z, lp, g, jittered, inv_mass, fn, generator, num_steps)
-
-    draws = torch.empty(C, num_samples, D, dtype=z.dtype)
-    stats: dict[str, torch.Tensor] = {}
-    div_count = torch.zeros(C, dtype=torch.long)
-    bar = tqdm(range(warmup + num_samples), desc=desc, disable=not progress, leave=False)
-    first_start = _first_window_start(warmup)
-    for it in bar:
-        z, lp, g, st = step(z, lp, g, eps)
-        if it < warmup:
-            if adapt_step_size:
-                eps = da.update(st["acceptance_rate"])
-            if window_ends and first_start <= it < window_ends[-1]:
-                kept_for_mass.append(z)
-            if it + 1 in window_ends:  # a slow window closes: new metric, fresh step-size search
-                inv_mass = _regularised_variance(torch.stack(kept_for_mass))
-                kept_for_mass = []
-                lp, g = fn(z)
-                if adapt_step_size:
-                    eps = find_step_size(z, lp, g, inv_mass, fn, generator, eps0=eps)
-                    da.restart(eps)
-            if it == warmup - 1 and adapt_step_size:
-                eps = da.final
-        else:
-            s = it - warmup
-            draws[:, s] = z
-            st = {**st, "step_size": eps, "lp": lp}
-            for k, v in st.items():
-                if k not in stats:
-                    stats[k] = torch.empty((C, num_samples), dtype=v.dtype)
-                stats[k][:, s] = v
-            div_count += st["diverging"].to(torch.long)
-        if progress and (it % 10 == 0 or it == warmup + num_samples - 1):
-            bar.set_postfix(
-                {
-                    "phase": "warmup" if it < warmup else "sample",
-                    "step": " ".join(f"{float(e):.2g}" for e in eps),
-                    "div": " ".join(str(int(d)) for d in div_count),
-                }
-            )
-    if warmup > 0 and adapt_step_size and num_samples == 0:
-        eps = da.final
-    return MCMCResult(draws=draws, stats=stats, step_size=eps, inv_mass=inv_mass)
+        eps = torch.full((z.shape[0],), float(step_size), dtype=z.dtype)
+    return HMCState(z, lp, g, eps, inv_mass)
 
 
-def _first_window_start(warmup: int) -> int:
-    if warmup < 20:
-        return warmup
-    return 75 if 75 + 25 + 50 <= warmup else int(0.15 * warmup)
-
-
-# ---------------------------------------------------------------------------- diagnostics
-def _split(x: torch.Tensor) -> torch.Tensor:
-    """``[C, S, ...] -> [2C, S // 2, ...]``: each chain's halves as two chains."""
-    half = x.shape[1] // 2
-    return torch.cat([x[:, :half], x[:, x.shape[1] - half :]], 0)
-
-
-def _rank_normalise(x: torch.Tensor) -> torch.Tensor:
-    """Normal scores of the pooled ranks (Vehtari et al. 2021), per trailing coordinate."""
-    C, S = x.shape[:2]
-    flat = x.reshape(C * S, -1).double()
-    ranks = flat.argsort(0).argsort(0).double() + 1
-    u = (ranks - 0.375) / (C * S + 0.25)
-    return torch.distributions.Normal(0.0, 1.0).icdf(u).reshape(x.shape)
-
-
-def split_rhat(x: torch.Tensor) -> torch.Tensor:
-    """Rank-normalised split R-hat per coordinate of draws ``[C, S, D]`` (max of bulk and
-    folded, as ArviZ's ``rhat``).
-
-    Example:
-        >>> import torch
-        >>> float(split_rhat(torch.randn(4, 500, 1, generator=torch.Generator().manual_seed(0)))[0]) < 1.01
-        True
-    """
-    from pyro.ops.stats import split_gelman_rubin
-
-    bulk = split_gelman_rubin(_rank_normalise(x), chain_dim=0, sample_dim=1)
-    folded = (x - x.median(1, keepdim=True).values.median(0, keepdim=True).values).abs()
-    tail = split_gelman_rubin(_rank_normalise(folded), chain_dim=0, sample_dim=1)
-    return torch.maximum(bulk, tail).to(x.dtype)
-
-
-def ess_bulk(x: torch.Tensor) -> torch.Tensor:
-    """Bulk effective sample size per coordinate of draws ``[C, S, D]`` (split chains,
-    rank-normalised, Geyer's initial monotone sequence via ``pyro.ops.stats``).
-
-    Example:
-        >>> import torch
-        >>> float(ess_bulk(torch.randn(2, 500, 1, generator=torch.Generator().manual_seed(0)))[0]) > 500
-        True
-    """
-    from pyro.ops.stats import effective_sample_size
-
-    return effective_sample_size(_rank_normalise(_split(x)), chain_dim=0, sample_dim=1).to(x.dtype)
-
-
-def convergence_warning(
-    draws: torch.Tensor, diverging: torch.Tensor | None, method: str, min_ess_per_chain: float = 100.0
-) -> dict[str, float]:
-    """Diagnose draws ``[C, S, D]``; emit one ``warnings.warn`` with the numbers when any
-    R-hat > 1.01, the minimum bulk ESS < ``min_ess_per_chain`` per chain, or a transition
-    diverged. Returns the numbers (``max_rhat``, ``min_ess_bulk``, ``divergences``).
-    """
-    C, S = draws.shape[:2]
-    out = {"max_rhat": math.nan, "min_ess_bulk": math.nan, "divergences": 0.0}
-    if diverging is not None:
-        out["divergences"] = float(diverging.sum())
-    problems = []
-    if S >= 4:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rhat = split_rhat(draws)
-            ess = ess_bulk(draws)
-        out["max_rhat"] = float(torch.nan_to_num(rhat, nan=math.inf).max())
-        out["min_ess_bulk"] = float(torch.nan_to_num(ess, nan=0.0).min())
-        if out["max_rhat"] > 1.01:
-            problems.append(f"max R-hat {out['max_rhat']:.3f} > 1.01")
-        if out["min_ess_bulk"] < min_ess_per_chain * C:
-            problems.append(f"min bulk ESS {out['min_ess_bulk']:.0f} < {min_ess_per_chain * C:.0f}")
-    if out["divergences"] > 0:
-        problems.append(f"{int(out['divergences'])} of {C * S} transitions diverged")
-    if problems:
-        warnings.warn(
-            f"{method}: the chains may not have converged: {'; '.join(problems)}. "
-            "Run longer (more warmup / num_samples) or more chains, raise target_accept for "
-            "divergences, and inspect az.summary(post.to_arviz()). For BNN weights, hidden-unit "
-            "permutations and separate modes inflate R-hat even when predictions agree: "
-            "compare the chains' predictions too.",
-            stacklevel=3,
-        )
-    return out
-
-
-# ---------------------------------------------------------------------------- backend glue
-INITS = ("net", "map")
-
-
-def check_full_batch(batch_size, method: str) -> None:
-    """MCMC here is exact only with the full likelihood: refuse a minibatch size."""
-    if batch_size is not None:
-        raise ValueError(
-            f"{method} is full-batch: its Metropolis correction and Hamiltonian dynamics need the exact "
-            "log-likelihood of all data, and a minibatch estimate would bias the chain without an error "
-            "bound. Drop batch_size=, or use a stochastic-gradient sampler (method='sgld' or 'sghmc') "
-            "for data too large for full-batch gradients."
-        )
-
-
-COMPILE_MIN_ITERATIONS = 500
-
-
-def set_chain_options(
-    backend, *, num_samples, warmup, num_chains, target_accept, init, init_jitter, map_steps, batch_size
-) -> None:
-    """Validate the options NUTS, HMC and MH share and set them on ``backend``."""
-    from pbnn.infer.base import check_nonneg_int, check_positive_int
-
-    backend.num_samples = check_positive_int("num_samples", num_samples)
-    backend.warmup = check_nonneg_int("warmup", warmup)
-    backend.num_chains = check_positive_int("num_chains", num_chains)
-    if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)) or not 0 < target_accept < 1:
-        raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
-    backend.target_accept = float(target_accept)
-    check_init(init)
-    backend.init = init
-    if isinstance(init_jitter, bool) or not isinstance(init_jitter, (int, float)) or init_jitter < 0:
-        raise ValueError(f"init_jitter must be a non-negative number, got {init_jitter!r}")
-    backend.init_jitter = float(init_jitter)
-    backend.map_steps = check_positive_int("map_steps", map_steps)
-    check_full_batch(batch_size, backend.name)
-
-
-def check_compile(compile) -> bool | str:
-    if compile not in (True, False, "auto"):
-        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
-    return compile
-
-
-def should_compile(compile: bool | str, iterations: int, threshold: int = COMPILE_MIN_ITERATIONS) -> bool:
-    """Resolve ``compile="auto"``: compile runs long enough to repay the compilation."""
-    return iterations >= threshold if compile == "auto" else bool(compile)
-
-
-def check_init(init) -> None:
-    if not (isinstance(init, dict) or init in INITS):
-        raise ValueError(f"init must be one of {INITS} or a dict of site values, got {init!r}")
-
-
-def init_chains(
-    potential,
-    num_chains: int,
-    init,
+def step(
+    state: HMCState,
+    fn: GradFn,
+    gen: torch.Generator,
     *,
-    jitter: float,
-    map_steps: int,
-    generator: torch.Generator,
-    progress: bool,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Starting points ``z0 [C, D]`` for a BNN's chains and the fixed deterministic parameters.
-
-    ``init="net"``: the network's own initialisation (prior median for noise and hyper
-    sites) plus ``N(0, jitter^2)`` noise per chain in the unconstrained space, so the chains
-    differ. ``init="map"``: from there, ``map_steps`` of Adam on each chain's log joint (all
-    chains at once), so warm-up starts near a mode. A dict gives site values to start from
-    (plus jitter). Deterministic (non-Bayesian) parameters cannot be sampled: when the model
-    has any, they are fitted by the same MAP warm start and then held fixed.
-    """
-    from pbnn.engine.training import run_adam
-
-    model = potential.model
-    base = potential.initial_z()
-    if isinstance(init, dict):  # given sites override the default start
-        unknown = set(init) - set(potential.names)
-        if unknown:
-            raise ValueError(f"init has unknown sites {sorted(unknown)}; the latent sites are {potential.names}")
-        values, _ = potential.unpack(base)
-        base = potential.pack({**values, **{k: torch.as_tensor(v, dtype=base.dtype) for k, v in init.items()}})
-    z0 = base.expand(num_chains, -1) + jitter * torch.randn(num_chains, base.shape[-1], generator=generator)
-    fixed = {n: p.detach().clone() for n, p in model.net.named_parameters() if n in model.deterministic_names}
-    if init == "map" or fixed:
-        z = z0.clone().requires_grad_(True)
-        fixed = {k: v.requires_grad_(True) for k, v in fixed.items()}
-        run_adam(
-            [z, *fixed.values()],
-            lambda idx: -potential.log_joint_batch(z, None, fixed).sum(),
-            num_steps=map_steps,
-            lr=0.01,
-            n=len(potential.data) * num_chains,
-            batch_size=None,
-            desc="MAP warm start",
-            progress=progress,
-            loss_name="-log joint/N",
-        )
-        z0 = z.detach()
-        fixed = {k: v.detach() for k, v in fixed.items()}
-    return z0, fixed
+    kernel: str = "nuts",
+    max_tree_depth: int = 10,
+    num_leapfrog_steps: int = 20,
+) -> tuple[HMCState, dict[str, torch.Tensor]]:
+    """One NUTS (``kernel="nuts"``) or static HMC transition for every chain; returns the new
+    state and the per-chain statistics (with the ``step_size`` used and the new ``lp``).
+    HMC jitters the step size by up to +-20% so fixed-length trajectories are not periodic."""
+    z, lp, g, eps, inv_mass = state
+    if kernel == "nuts":
+        z, lp, g, info = nuts_step(z, lp, g, eps, inv_mass, fn, gen, max_tree_depth)
+    else:
+        jittered = eps * (1 + 0.2 * (2 * torch.rand(z.shape[0], generator=gen, dtype=z.dtype) - 1))
+        z, lp, g, info = hmc_step(z, lp, g, jittered, inv_mass, fn, gen, num_leapfrog_steps)
+    return HMCState(z, lp, g, eps, inv_mass), {**info, "step_size": eps, "lp": lp}
 
 
-def draws_to_sites(potential, draws: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Unconstrained draws ``[C, S, D]`` -> constrained site values ``{site: [C, S, *shape]}``."""
-    values, _ = potential.unpack(draws)
-    return {k: v.detach() for k, v in values.items()}
+class WarmupState(NamedTuple):
+    """Adaptation state: dual averaging, the slow windows' ends and the draws of the open window."""
+
+    da: DualAveragingState
+    window_ends: tuple[int, ...]
+    first: int
+    kept: tuple[torch.Tensor, ...]
 
 
-def pyro_mcmc(make_kernel, model, data, *, num_samples: int, warmup: int, num_chains: int, progress: bool):
-    """Run Pyro's ``MCMC`` for a hand-written Pyro model, one chain after another (a fresh
-    kernel from ``make_kernel(model)`` per chain; no worker processes).
-
-    Returns ``(samples {site: [C, S, ...]}, sample_stats)``; Pyro records only which
-    transitions diverged, so ``diverging`` is the one per-draw statistic.
-    """
-    from pyro.infer import MCMC
-
-    chains, diverging = [], torch.zeros(num_chains, num_samples, dtype=torch.bool)
-    for c in range(num_chains):
-        mcmc = MCMC(make_kernel(model), num_samples=num_samples, warmup_steps=warmup, disable_progbar=not progress)
-        mcmc.run(data.x, data.y)
-        chains.append({k: v.detach() for k, v in mcmc.get_samples().items()})
-        idx = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
-        if len(idx):
-            diverging[c, torch.as_tensor(idx, dtype=torch.long)] = True
-    samples = {k: torch.stack([ch[k] for ch in chains]) for k in chains[0]}
-    return samples, {"diverging": diverging}
+def warmup_init(state: HMCState, warmup: int, adapt_mass_matrix: bool = True) -> WarmupState:
+    ends = tuple(warmup_windows(warmup)) if adapt_mass_matrix else ()
+    return WarmupState(dual_averaging_init(state.step_size), ends, first_window_start(warmup), ())
 
 
-def flatten_sites(samples: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``{site: [C, S, *shape]}`` -> ``[C, S, D]`` for diagnostics."""
-    return torch.cat([v.reshape(v.shape[:2] + (-1,)).to(torch.float64) for v in samples.values()], -1)
+def adapt(
+    state: HMCState,
+    warm: WarmupState,
+    info: dict,
+    it: int,
+    *,
+    warmup: int,
+    fn: GradFn,
+    gen: torch.Generator,
+    target_accept: float = 0.8,
+    adapt_step_size: bool = True,
+) -> tuple[HMCState, WarmupState]:
+    """Warm-up iteration ``it``: step size by dual averaging towards ``target_accept``; the
+    diagonal inverse mass matrix by the regularised variance of the draws in each of Stan's
+    windows, after which the step size is re-initialised and dual averaging restarts; the
+    averaged step size after the last warm-up iteration."""
+    z, lp, g, eps, inv_mass = state
+    da, ends, first, kept = warm
+    if adapt_step_size:
+        da, eps = dual_averaging_update(da, info["acceptance_rate"], target_accept)
+    if ends and first <= it < ends[-1]:
+        kept = kept + (z,)
+    if it + 1 in ends:  # a slow window closes: new metric, fresh step-size search
+        inv_mass = regularised_variance(torch.stack(kept))
+        kept = ()
+        lp, g = fn(z)
+        if adapt_step_size:
+            eps = find_step_size(z, lp, g, inv_mass, fn, gen, eps0=eps)
+            da = dual_averaging_init(eps)
+    if it == warmup - 1 and adapt_step_size:
+        eps = da.log_eps_bar.exp()
+    return HMCState(z, lp, g, eps, inv_mass), WarmupState(da, ends, first, kept)
