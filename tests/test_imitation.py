@@ -368,3 +368,12 @@ def test_former_pretraining_names_warn_and_map_to_map_steps(cls, old):
     with pytest.warns(DeprecationWarning, match=f"{old}= is now map_steps="):
         backend = cls(**{old: 7})
     assert backend.map_steps == 7
+
+
+def test_accumulate_splits_each_minibatch_into_micro_batches(make_net):
+    """One meaning of accumulate everywhere: the same update as the whole minibatch, less memory."""
+    x = torch.linspace(-2, 2, 32)[:, None]
+    opts = dict(method="ensemble", num_members=2, num_steps=20, batch_size=16, seed=0, progress=False)
+    one = pbnn.fit(pbnn.BNN(make_net(hidden=4)), x, torch.sin(x[:, 0]), **opts)
+    acc = pbnn.fit(pbnn.BNN(make_net(hidden=4)), x, torch.sin(x[:, 0]), accumulate=4, **opts)
+    assert torch.allclose(acc.samples["0.weight"], one.samples["0.weight"], atol=1e-5)
