@@ -30,6 +30,7 @@ import torch
 
 from pbnn.core.options import nonneg_int, option, optional, positive, positive_int
 from pbnn.core.potential import Potential
+from pbnn.engine import distributed
 from pbnn.engine.optim import check_momentum, fit_map, fit_points, resolve_batch_size
 from pbnn.infer.base import Backend, RunOptions, register
 from pbnn.posterior.posterior import Posterior
@@ -109,15 +110,16 @@ class FGE(Backend, RunOptions):
         cycle = self.cycle_length or 2 * max(1, (4 * per_epoch) // 2)
         z, fixed, losses = potential.initial_z(), potential.fixed, []
         if self.map_steps > 0:
-            z, fixed, losses = fit_map(
-                potential,
-                num_steps=self.map_steps,
-                lr=self.lr,
-                batch_size=resolve_batch_size(self.batch_size, n),
-                accumulate=self.accumulate,
-                desc="FGE MAP",
-                progress=self.progress,
-            )
+            with distributed.rank_local():  # FGE is not distributed: every rank runs the whole fit
+                z, fixed, losses = fit_map(
+                    potential,
+                    num_steps=self.map_steps,
+                    lr=self.lr,
+                    batch_size=resolve_batch_size(self.batch_size, n),
+                    accumulate=self.accumulate,
+                    desc="FGE MAP",
+                    progress=self.progress,
+                )
         snapshots: list[torch.Tensor] = []
 
         def snapshot(k, zk):

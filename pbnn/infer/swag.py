@@ -173,13 +173,14 @@ class SWAG(Backend, RunOptions, OptimOptions):
 
     def _pretrain(self, potential: Potential, z, fixed, seeds, first: int, desc: str):
         """The MAP fit of each run from its start (MultiSWAG: under the member's seed, so a
-        member's minibatches do not depend on how members are spread over ranks)."""
+        member's minibatches do not depend on how members are spread over ranks). Rank-local:
+        under ``torch.distributed`` ranks train different members (or all the whole fit)."""
         runs = []
         for m, seed in enumerate(seeds):
             path = self.checkpoint_path
             if path is not None and seed is not None:
                 path = f"{path}.member{first + m}"
-            with seeded(seed):
+            with seeded(seed), distributed.rank_local():
                 runs.append(
                     fit_map(
                         potential,
