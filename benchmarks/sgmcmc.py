@@ -45,7 +45,7 @@ def main():
 
     net = make_net()
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    batches = pbnn.engine.training.batch_indices(len(x), batch, g)
+    batches = pbnn.engine.optim.batch_indices(len(x), batch, g)
 
     def sgd_step():
         idx = next(batches)

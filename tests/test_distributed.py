@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pbnn
-from pbnn.engine.training import run_adam
+from pbnn.engine.optim import decay, optimise
 
 
 def _data():
@@ -75,11 +75,11 @@ def test_resume_from_checkpoint_ends_in_the_same_state():
             noise = 0.1 * torch.randn(3)  # uses the RNG, which the checkpoint must restore
             return ((w - target - noise) ** 2).sum()
 
-        losses = run_adam(
+        losses = optimise(
             [w],
             loss,
             num_steps=40,
-            lr=0.1,
+            lr=decay(0.1, 40),
             n=1,
             batch_size=None,
             desc="t",
@@ -132,7 +132,7 @@ CHAIN_CASES = {
     "hmc": dict(method="hmc", num_chains=2, num_samples=10, warmup=10, num_leapfrog_steps=5, init="net", warn=False),
     "mh": dict(method="mh", num_chains=3, num_samples=20, warmup=20, init="net", warn=False),
     "ensemble": dict(method="ensemble", num_members=3, num_steps=30, bootstrap=True),
-    "multiswag": dict(method="multiswag", num_members=3, start=20, num_steps=40, num_samples=4, rank=3),
+    "multiswag": dict(method="multiswag", num_members=3, map_steps=20, num_steps=40, num_samples=4, rank=3),
     "sgld_chains": dict(method="sgld", num_chains=3, num_samples=10, warmup=5, thinning=2, batch_size=16),
     "csghmc_chains": dict(method="csghmc", num_chains=2, num_samples=8, num_cycles=2, thinning=2, batch_size=16),
     # one chain: data-parallel gradients, 8 rows per rank = one process with batches of 16

@@ -87,7 +87,7 @@ def test_swag_centres_on_the_conjugate_posterior_mean_with_a_covariance_of_the_r
         c["x"],
         c["y"],
         method="swag",
-        start=500,
+        map_steps=500,
         num_steps=1500,
         lr=0.05,
         swag_lr=0.01,
@@ -157,15 +157,15 @@ def test_multiswag_shape_members_and_swa(make_net):
     x = torch.linspace(-2, 2, 40)[:, None]
     y = torch.sin(2 * x[:, 0])
     model = pbnn.BNN(make_net(hidden=8))
-    post = pbnn.fit(model, x, y, method="multiswag", num_members=2, start=60, num_steps=120, num_samples=5, seed=0,
+    post = pbnn.fit(model, x, y, method="multiswag", num_members=2, map_steps=60, num_steps=120, num_samples=5, seed=0,
                     progress=False)  # fmt: skip
     assert post.samples["0.weight"].shape == (2, 5, 8, 1)  # [member, draw, *shape]
     assert post.approximation.q.num_runs == 2
     means = post.approximation.q.loc_runs
     assert (means[0] - means[1]).abs().max() > 0.1  # independent initialisations
     assert post.predict(x, num_samples=13).samples.shape[0] == 13  # fresh draws from the mixture
-    swa = pbnn.fit(model, x, y, method="swa", start=60, num_steps=120, seed=0, progress=False)
-    swag = pbnn.fit(model, x, y, method="swag", start=60, num_steps=120, num_samples=5, seed=0, progress=False)
+    swa = pbnn.fit(model, x, y, method="swa", map_steps=60, num_steps=120, seed=0, progress=False)
+    swag = pbnn.fit(model, x, y, method="swag", map_steps=60, num_steps=120, num_samples=5, seed=0, progress=False)
     assert swa.num_draws == 1
     # SWA is exactly SWAG's mean (same seed, same iterates).
     assert torch.allclose(Potential(model, swag.data).pack(swa.flat_samples())[0], swag.approximation.q.mean, atol=1e-5)
@@ -174,7 +174,7 @@ def test_multiswag_shape_members_and_swa(make_net):
 def test_fge_snapshots(make_net):
     x = torch.linspace(-2, 2, 40)[:, None]
     y = torch.sin(2 * x[:, 0])
-    post = pbnn.fit(pbnn.BNN(make_net(hidden=8)), x, y, method="fge", pretrain_steps=100, num_cycles=3,
+    post = pbnn.fit(pbnn.BNN(make_net(hidden=8)), x, y, method="fge", map_steps=100, num_cycles=3,
                     cycle_length=20, seed=0, progress=False)  # fmt: skip
     w = post.samples["2.weight"]
     assert w.shape == (1, 3, 1, 8)
@@ -200,7 +200,7 @@ def test_mc_dropout_weight_decay_equals_the_formula(make_net):
     decay = pbnn.infer.dropout.weight_decay(model, targets, n, 1 / sigma**2)
     z = pot.initial_z().requires_grad_(True)
     prior_weights = {k: 1 - v for k, v in targets.items()}
-    loss = -pbnn.engine.pointfit.map_log_joint(pot, z, prior_weights=prior_weights) / (n / sigma**2)
+    loss = -pbnn.engine.optim.map_log_joint(pot, z, prior_weights=prior_weights) / (n / sigma**2)
     (g,) = torch.autograd.grad(loss, z)
     zz = z.detach().clone().requires_grad_(True)
     vals, _ = pot.unpack(zz)
@@ -276,9 +276,9 @@ def test_swag_with_batchnorm_recomputes_statistics_per_draw(tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
     x = torch.linspace(-2, 2, 40)[:, None]
-    post = pbnn.fit(pbnn.BNN(net), x, torch.sin(x[:, 0]), method="swag", start=30, num_steps=60, num_samples=4,
+    post = pbnn.fit(pbnn.BNN(net), x, torch.sin(x[:, 0]), method="swag", map_steps=30, num_steps=60, num_samples=4,
                     seed=0, progress=False)  # fmt: skip
-    assert post.predictor is pbnn.engine.pointfit.predict_bn_refresh
+    assert post.predictor is pbnn.posterior.predictive.predict_bn_refresh
     xt = torch.linspace(-3, 3, 9)[:, None]
     full = post.predict(xt).samples
     assert torch.allclose(full[:, 3:4], post.predict(xt[3:4]).samples, atol=1e-5)  # eval mode at prediction
@@ -290,7 +290,7 @@ def test_swag_with_batchnorm_recomputes_statistics_per_draw(tmp_path):
 
 def test_swag_posterior_saves_loads_and_exports_to_arviz(make_net, tmp_path):
     x = torch.linspace(-2, 2, 30)[:, None]
-    post = pbnn.fit(pbnn.BNN(make_net(hidden=4)), x, torch.sin(x[:, 0]), method="swag", start=20, num_steps=60,
+    post = pbnn.fit(pbnn.BNN(make_net(hidden=4)), x, torch.sin(x[:, 0]), method="swag", map_steps=20, num_steps=60,
                     num_samples=6, seed=0, progress=False)  # fmt: skip
     post.save(tmp_path / "p.pt")
     loaded = pbnn.Posterior.load(tmp_path / "p.pt")
@@ -308,7 +308,7 @@ def test_swag_posterior_saves_loads_and_exports_to_arviz(make_net, tmp_path):
     "method, options, match",
     [
         ("swag", {"rank": -1}, "rank"),
-        ("swag", {"start": 100, "num_steps": 100}, "must exceed start"),
+        ("swag", {"map_steps": 100, "num_steps": 100}, "must exceed map_steps"),
         ("swag", {"scale": 0.0}, "scale"),
         ("swag", {"momentum": 1.0}, "momentum"),
         ("multiswag", {"num_members": 0}, "num_members"),
@@ -337,7 +337,7 @@ def test_bad_models_raise(make_net):
         pbnn.fit(pbnn.BNN(make_net(), bayesian=lambda n: n.startswith("0.")), x, y, method="mc-dropout",
                  progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="SGD phase"):
-        pbnn.fit(pbnn.BNN(make_net()), x, y, method="swag", start=5, num_steps=6, collect_every=3, progress=False)
+        pbnn.fit(pbnn.BNN(make_net()), x, y, method="swag", map_steps=5, num_steps=6, collect_every=3, progress=False)
 
     def pyro_model(x, y=None):
         pass
@@ -359,3 +359,21 @@ def test_ensemble_is_more_uncertain_in_the_gap_than_on_the_training_inputs():
     gap = post.predict(d["x_test"][d["in_gap"]]).epistemic_variance.sqrt().mean()
     train = post.predict(d["x_train"]).epistemic_variance.sqrt().mean()
     assert gap > 2 * train  # measured: 0.087 vs 0.028
+
+
+@pytest.mark.parametrize(
+    "cls, old", [(pbnn.infer.SWAG, "start"), (pbnn.infer.MultiSWAG, "start"), (pbnn.infer.FGE, "pretrain_steps")]
+)
+def test_former_pretraining_names_warn_and_map_to_map_steps(cls, old):
+    with pytest.warns(DeprecationWarning, match=f"{old}= is now map_steps="):
+        backend = cls(**{old: 7})
+    assert backend.map_steps == 7
+
+
+def test_accumulate_splits_each_minibatch_into_micro_batches(make_net):
+    """One meaning of accumulate everywhere: the same update as the whole minibatch, less memory."""
+    x = torch.linspace(-2, 2, 32)[:, None]
+    opts = dict(method="ensemble", num_members=2, num_steps=20, batch_size=16, seed=0, progress=False)
+    one = pbnn.fit(pbnn.BNN(make_net(hidden=4)), x, torch.sin(x[:, 0]), **opts)
+    acc = pbnn.fit(pbnn.BNN(make_net(hidden=4)), x, torch.sin(x[:, 0]), accumulate=4, **opts)
+    assert torch.allclose(acc.samples["0.weight"], one.samples["0.weight"], atol=1e-5)

@@ -274,7 +274,7 @@ def test_crps_estimator_matches_double_loop():
     loc = torch.as_tensor(RNG.normal(size=(3, 4)))
     pred = gaussian_pred(loc, torch.ones(3, 4))
     y = torch.as_tensor(RNG.normal(size=4))
-    from pbnn.engine.training import seeded
+    from pbnn.engine.optim import seeded
 
     with seeded(5):
         x = pred.sample(7).numpy()  # 21 samples per point, same RNG path as crps(seed=5)

@@ -83,7 +83,7 @@ class SiteLayout:
         for n, s in zip(self.names, self.shapes):
             v = parts[n]
             out.append(v.reshape(v.shape[: v.dim() - len(s)] + (-1,)))
-        return torch.cat(out, -1)
+        return torch.cat(out, -1) if out else torch.zeros(0)  # a model without latent sites
 
     def unpack(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Constrained site values from ``z`` ``[..., D]`` and the log Jacobian ``[...]``."""

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pbnn.engine import distributed
-from pbnn.engine.training import batch_indices, fit_map, resolve_batch_size
+from pbnn.engine.optim import batch_indices, fit_map, resolve_batch_size
 from pbnn.kernels import hmc, mh, sgmcmc
 from pbnn.kernels.hmc import Target
 
@@ -271,7 +271,7 @@ def init_chains(
     """Starting points ``z0 [C, D]`` and the fixed point-estimate parameters.
 
     ``init="net"``: the model's initialisation plus ``N(0, jitter^2)`` per chain (unconstrained);
-    ``"map"``: then ``map_steps`` of Adam on all chains (:func:`pbnn.engine.training.fit_map`); a
+    ``"map"``: then ``map_steps`` of Adam on all chains (:func:`pbnn.engine.optim.fit_map`); a
     dict: site values to start from. Point-estimate parameters are fitted by that MAP warm start
     (also without ``"map"``) and then held fixed.
     """

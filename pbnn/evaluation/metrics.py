@@ -19,7 +19,7 @@ import numpy as np
 import pyro.distributions as dist
 import torch
 
-from pbnn.engine.training import seeded
+from pbnn.engine.optim import seeded
 from pbnn.posterior.posterior import Posterior
 from pbnn.posterior.predictive import Prediction, _base
 

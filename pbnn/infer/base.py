@@ -54,7 +54,7 @@ from pbnn.core.options import (
 from pbnn.core.potential import Potential, accepts_subsample
 from pbnn.engine import chains, distributed
 from pbnn.engine.distributed import broadcast_seed
-from pbnn.engine.training import resolve_batch_size, seeded
+from pbnn.engine.optim import resolve_batch_size, seeded
 from pbnn.posterior.diagnostics import convergence_warning
 from pbnn.posterior.posterior import Posterior
 

@@ -33,20 +33,20 @@ Example:
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pbnn.core.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int, register
 from pbnn.core.likelihoods import Gaussian
 from pbnn.core.model import BNN
-from pbnn.engine.pointfit import decaying_lr, initial_points, map_log_joint, require_bnn, train_points
-from pbnn.posterior.posterior import Posterior
+from pbnn.core.options import option, optional, positive_int
 from pbnn.core.potential import Potential
 from pbnn.core.priors import Normal
-from pbnn.engine.training import resolve_batch_size, seeded
+from pbnn.engine.optim import decay, fit_points, initial_points, map_log_joint
+from pbnn.infer.base import Backend, OptimOptions, RunOptions, register
+from pbnn.posterior.posterior import Posterior
 
 __all__ = ["MCDropout", "DropConnect", "dropout_targets", "weight_decay"]
 
@@ -114,16 +114,15 @@ def weight_decay(model: BNN, targets: dict[str, float], n: int, tau: float) -> d
     return {name: (1.0 - targets.get(name, 0.0)) * l2 / (2 * n * tau) for name in model.bayesian_names}
 
 
-def _check_p(p) -> float | None:
-    if p is None:
-        return None
+def _rate(name: str, p) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
-        raise ValueError(f"dropout rate p must lie in (0, 1), got {p!r}")
+        raise ValueError(f"dropout rate {name} must lie in (0, 1), got {p!r}")
     return float(p)
 
 
 @register("mc-dropout")
-class MCDropout(Backend):
+@dataclass(frozen=True, kw_only=True)
+class MCDropout(Backend, RunOptions, OptimOptions):
     """MC dropout: train with dropout and the prior's weight decay, keep dropout on at prediction.
 
     Args:
@@ -131,8 +130,10 @@ class MCDropout(Backend):
             dropout); when given it overrides the net's rates.
         num_samples: dropout masks (weight draws) stored in the Posterior.
         num_steps, lr, batch_size: training, as :class:`pbnn.infer.MAP` (Adam, learning
-            rate decaying 10x, gradient norm clipped at 10).
-        accumulate: average gradients over this many minibatches per step.
+            rate decaying 10x; the gradient per data point clipped at norm 10).
+        accumulate: split each minibatch into this many micro-batches (same update, less
+            memory; each micro-batch draws its own dropout masks from the same RNG state).
+        checkpoint_path, checkpoint_every: checkpoint the training and resume from the file.
         seed: seed for initialisation, training masks, minibatches and the stored masks.
         progress: show a tqdm bar.
 
@@ -142,31 +143,13 @@ class MCDropout(Backend):
         0.05
     """
 
-    name = "mc-dropout"
+    model_kinds = ("bnn",)
     _connect = False
+    p: float | None = option(None, optional(_rate))
+    num_samples: int = option(100, positive_int)
 
-    def __init__(
-        self,
-        p: float | None = None,
-        num_samples: int = 100,
-        num_steps: int = 3000,
-        lr: float = 0.01,
-        batch_size: int | None = None,
-        accumulate: int = 1,
-        seed: int | None = None,
-        progress: bool = True,
-    ) -> None:
-        self.p = _check_p(p)
-        self.num_samples = check_positive_int("num_samples", num_samples)
-        self.num_steps = check_positive_int("num_steps", num_steps)
-        self.lr = check_positive("lr", lr)
-        self.batch_size = batch_size
-        self.accumulate = check_positive_int("accumulate", accumulate)
-        self.seed = seed
-        self.progress = progress
-
-    def fit(self, model, data: Data) -> Posterior:
-        model = require_bnn(model, self.name)
+    def run(self, potential: Potential) -> Posterior:
+        model = potential.model
         targets = dropout_targets(model.net, self.p)
         bad = [k for k in targets if k not in model.bayesian_names]
         if bad:
@@ -175,37 +158,36 @@ class MCDropout(Backend):
                 "layers must be Bayesian (see BNN's bayesian= / last_layer=)"
             )
         rates = {k: p for k, (_, p) in targets.items()}
-        potential = Potential(model, data)
         prior_weights = {k: 1.0 - p for k, p in rates.items()}
         transform = self._connect_transform(rates) if self._connect else None
 
         def log_joint(z, idx, fixed, w):
             return map_log_joint(potential, z, idx, fixed, prior_weights=prior_weights, transform=transform)
 
-        with seeded(self.seed), self._training_dropout(model, targets):
-            z, fixed = initial_points(model, potential, [None])
-            z, fixed, losses = train_points(
+        with self._training_dropout(model, targets):
+            z, fixed = initial_points(potential, [None])
+            z, fixed, losses = fit_points(
                 potential,
                 z,
                 fixed,
                 num_steps=self.num_steps,
-                lr=decaying_lr(self.lr, self.num_steps),
-                batch_size=resolve_batch_size(self.batch_size, len(data)),
-                accumulate=self.accumulate,
+                lr=decay(self.lr, self.num_steps),
                 log_joint=log_joint,
+                batch_size=self.resolved_batch_size(len(potential)),
+                accumulate=self.accumulate,
+                checkpoint_path=self.checkpoint_path,
+                checkpoint_every=self.checkpoint_every,
                 desc=f"{type(self).__name__} (p={sorted(set(rates.values()))})",
                 progress=self.progress,
             )
             mask_seed = int(torch.randint(0, 2**62, ()).item())
-        values, _ = potential.unpack(z[0])
+        values = potential.layout.constrain(z[0])
         samples = self._draws(values, rates, mask_seed)
         info = {"losses": losses, "targets": list(rates), "p": rates, "mask_seed": mask_seed}
         if isinstance(model.prior, Normal) and isinstance(model.likelihood, Gaussian):
             sigma = values["sigma"] if model.likelihood.learned else model.likelihood.scale
-            info["weight_decay"] = weight_decay(model, rates, len(data), 1.0 / float(sigma) ** 2)
-        return Posterior(
-            model, samples, data=data, method=self.name, fixed={k: v[0] for k, v in fixed.items()}, info=info
-        )
+            info["weight_decay"] = weight_decay(model, rates, len(potential), 1.0 / float(sigma) ** 2)
+        return self.posterior(potential, samples, fixed={k: v[0] for k, v in fixed.items()}, info=info)
 
     # ------------------------------------------------------------------ masks
     def _mask(self, weight: torch.Tensor, p: float, num: int, gen: torch.Generator) -> torch.Tensor:
@@ -262,6 +244,7 @@ def _input_dropout(p: float):
 
 
 @register("dropconnect")
+@dataclass(frozen=True, kw_only=True)
 class DropConnect(MCDropout):
     """DropConnect: Bernoulli masks on the individual weights of the target layers.
 
@@ -275,5 +258,4 @@ class DropConnect(MCDropout):
         'dropconnect'
     """
 
-    name = "dropconnect"
     _connect = True

@@ -1,6 +1,7 @@
 """Fast geometric ensembling (Garipov, Izmailov, Podoprikhin, Vetrov and Wilson, NeurIPS 2018).
 
-From a pretrained MAP (Adam, as :class:`pbnn.infer.MAP`), SGD with momentum runs with a
+From a pre-trained MAP (``map_steps`` of :func:`pbnn.engine.optim.fit_map`, the fit of
+:class:`pbnn.infer.MAP`; formerly ``pretrain_steps``), SGD with momentum runs with a
 triangular cyclical learning rate; at the middle of each cycle, where the learning rate
 is lowest, the weights are saved. The snapshots are the posterior draws (one chain).
 
@@ -14,7 +15,7 @@ Example:
     >>> import torch, pbnn
     >>> x = torch.linspace(-2, 2, 40)[:, None]; y = torch.sin(x[:, 0])
     >>> net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    >>> post = pbnn.fit(pbnn.BNN(net), x, y, method="fge", pretrain_steps=100, num_cycles=4,
+    >>> post = pbnn.fit(pbnn.BNN(net), x, y, method="fge", map_steps=100, num_cycles=4,
     ...                 cycle_length=10, progress=False, seed=0)
     >>> post.samples["0.weight"].shape            # [1, snapshot, *shape]
     torch.Size([1, 4, 8, 1])
@@ -23,15 +24,17 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from pbnn.core.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int, register
-from pbnn.engine.pointfit import decaying_lr, has_batchnorm, initial_points, predict_bn_refresh, require_bnn, train_points
-from pbnn.posterior.posterior import Posterior
+from pbnn.core.options import nonneg_int, option, optional, positive, positive_int
 from pbnn.core.potential import Potential
-from pbnn.engine.training import resolve_batch_size, seeded
+from pbnn.engine import distributed
+from pbnn.engine.optim import check_momentum, fit_map, fit_points, resolve_batch_size
+from pbnn.infer.base import Backend, RunOptions, register
+from pbnn.posterior.posterior import Posterior
+from pbnn.posterior.predictive import has_batchnorm, predict_bn_refresh
 
 __all__ = ["FGE", "fge_lr"]
 
@@ -50,8 +53,9 @@ def fge_lr(step: int, cycle_length: int, lr_max: float, lr_min: float) -> float:
 
 
 @register("fge")
-class FGE(Backend):
-    """Snapshots of SGD with a triangular cyclical learning rate around a pretrained MAP.
+@dataclass(frozen=True, kw_only=True)
+class FGE(Backend, RunOptions):
+    """Snapshots of SGD with a triangular cyclical learning rate around a pre-trained MAP.
 
     Args:
         cycle_length: steps per cycle, even (default: 4 epochs, the paper's choice).
@@ -60,12 +64,12 @@ class FGE(Backend):
             standardised regression data ``lr_max = 0.05`` makes SGD wander far from the
             mode (the learned noise scale inflates ~10x on the demo), so pbnn uses 0.01.
         num_cycles: number of cycles = number of snapshots (draws).
-        pretrain_steps: Adam steps towards the MAP first (``lr`` decaying 10x).
-        lr: pretraining learning rate.
+        map_steps: MAP pre-training steps (Adam, ``lr`` decaying 10x; formerly ``pretrain_steps``).
+        lr: MAP pre-training learning rate.
         momentum: SGD momentum.
-        batch_size: minibatch size; default: full batch for pretraining up to 2048 points,
+        batch_size: minibatch size; default: full batch for pre-training up to 2048 points,
             ten minibatches per epoch (at most 256 points) for the cyclical phase.
-        accumulate: average gradients over this many minibatches per step.
+        accumulate: split each minibatch into this many micro-batches (same update, less memory).
         seed: seed for minibatches.
         progress: show tqdm bars.
 
@@ -75,98 +79,73 @@ class FGE(Backend):
         0.01
     """
 
-    name = "fge"
+    model_kinds = ("bnn",)
+    renamed = {"pretrain_steps": "map_steps"}
+    cycle_length: int | None = option(None, optional(positive_int))
+    lr_max: float = option(0.01, positive)
+    lr_min: float = option(1e-4, positive)
+    num_cycles: int = option(20, positive_int)
+    map_steps: int = option(3000, nonneg_int)
+    lr: float = option(0.01, positive)
+    momentum: float = option(0.9, check_momentum)
+    batch_size: int | None = option(None, optional(positive_int))
+    accumulate: int = option(1, positive_int)
 
-    def __init__(
-        self,
-        cycle_length: int | None = None,
-        lr_max: float = 0.01,
-        lr_min: float = 1e-4,
-        num_cycles: int = 20,
-        pretrain_steps: int = 3000,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        batch_size: int | None = None,
-        accumulate: int = 1,
-        seed: int | None = None,
-        progress: bool = True,
-    ) -> None:
-        if cycle_length is not None:
-            check_positive_int("cycle_length", cycle_length)
-            if cycle_length % 2:
-                raise ValueError(f"cycle_length must be even (snapshots are taken at its midpoint), got {cycle_length}")
-        self.cycle_length = cycle_length
-        self.lr_max = check_positive("lr_max", lr_max)
-        self.lr_min = check_positive("lr_min", lr_min)
+    def validate(self) -> None:
+        super().validate()
+        if self.cycle_length is not None and self.cycle_length % 2:
+            raise ValueError(
+                f"cycle_length must be even (snapshots are taken at its midpoint), got {self.cycle_length}"
+            )
         if self.lr_min > self.lr_max:
-            raise ValueError(f"lr_min ({lr_min}) must not exceed lr_max ({lr_max})")
-        self.num_cycles = check_positive_int("num_cycles", num_cycles)
-        if isinstance(pretrain_steps, bool) or not isinstance(pretrain_steps, int) or pretrain_steps < 0:
-            raise ValueError(f"pretrain_steps must be a non-negative integer, got {pretrain_steps!r}")
-        self.pretrain_steps = pretrain_steps
-        self.lr = check_positive("lr", lr)
-        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
-        self.batch_size = batch_size
-        self.accumulate = check_positive_int("accumulate", accumulate)
-        self.seed = seed
-        self.progress = progress
+            raise ValueError(f"lr_min ({self.lr_min}) must not exceed lr_max ({self.lr_max})")
 
-    def fit(self, model, data: Data) -> Posterior:
-        model = require_bnn(model, self.name)
-        n = len(data)
-        potential = Potential(model, data)
+    def run(self, potential: Potential) -> Posterior:
+        n = len(potential)
         if self.batch_size is None:
             sgd_batch = None if n < 10 else min(256, math.ceil(n / 10))
         else:
             sgd_batch = resolve_batch_size(self.batch_size, n)
         per_epoch = 1 if sgd_batch is None else math.ceil(n / sgd_batch)
         cycle = self.cycle_length or 2 * max(1, (4 * per_epoch) // 2)
-        with seeded(self.seed):
-            z, fixed = initial_points(model, potential, [None])
-            losses: list[float] = []
-            if self.pretrain_steps > 0:
-                z, fixed, losses = train_points(
+        z, fixed, losses = potential.initial_z(), potential.fixed, []
+        if self.map_steps > 0:
+            with distributed.rank_local():  # FGE is not distributed: every rank runs the whole fit
+                z, fixed, losses = fit_map(
                     potential,
-                    z,
-                    fixed,
-                    num_steps=self.pretrain_steps,
-                    lr=decaying_lr(self.lr, self.pretrain_steps),
+                    num_steps=self.map_steps,
+                    lr=self.lr,
                     batch_size=resolve_batch_size(self.batch_size, n),
                     accumulate=self.accumulate,
-                    desc="FGE pretraining",
+                    desc="FGE MAP",
                     progress=self.progress,
                 )
-            snapshots: list[torch.Tensor] = []
+        snapshots: list[torch.Tensor] = []
 
-            def snapshot(k, zk):
-                if (k + 1) % cycle == cycle // 2:
-                    snapshots.append(zk[0].clone())
+        def snapshot(k, zk):
+            if (k + 1) % cycle == cycle // 2:
+                snapshots.append(zk[0].clone())
 
-            _, _, cyc_losses = train_points(
-                potential,
-                z,
-                fixed,
-                num_steps=self.num_cycles * cycle,
-                lr=lambda k: fge_lr(k, cycle, self.lr_max, self.lr_min),
-                optimizer="sgd",
-                momentum=self.momentum,
-                batch_size=sgd_batch,
-                accumulate=self.accumulate,
-                train_fixed=False,
-                on_step=snapshot,
-                desc="FGE cycles",
-                progress=self.progress,
-            )
-        values, _ = potential.unpack(torch.stack(snapshots))
-        samples = {k: v[None] for k, v in values.items()}
-        return Posterior(
-            model,
+        _, _, cyc_losses = fit_points(
+            potential,
+            z[None],
+            {k: v[None] for k, v in fixed.items()},
+            num_steps=self.num_cycles * cycle,
+            lr=lambda k: fge_lr(k, cycle, self.lr_max, self.lr_min),
+            optimizer="sgd",
+            momentum=self.momentum,
+            batch_size=sgd_batch,
+            accumulate=self.accumulate,
+            train_fixed=False,
+            on_step=snapshot,
+            desc="FGE cycles",
+            progress=self.progress,
+        )
+        samples = {k: v[None] for k, v in potential.layout.constrain(torch.stack(snapshots)).items()}
+        return self.posterior(
+            potential,
             samples,
-            data=data,
-            method=self.name,
-            fixed={k: v[0] for k, v in fixed.items()},
-            predictor=predict_bn_refresh if has_batchnorm(model.net) else None,
+            fixed=fixed,
+            predictor=predict_bn_refresh if has_batchnorm(potential.model.net) else None,
             info={"losses": losses + cyc_losses, "cycle_length": cycle},
         )

@@ -25,7 +25,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 from pbnn.core import likelihoods as _lik
 from pbnn.core.options import one_of, option, optional, positive, positive_int
 from pbnn.core.potential import Potential, SiteLayout
-from pbnn.engine.training import fit_map, resolve_batch_size
+from pbnn.engine.optim import fit_map, resolve_batch_size
 from pbnn.infer.base import Backend, RunOptions, register
 from pbnn.infer.curvature import (
     check_likelihood,
@@ -84,7 +84,7 @@ class Laplace(Backend, RunOptions):
         on_indefinite: for ``hessian="full"``, what to do when the Hessian is not positive
             definite: ``"ggn"`` (warn and use the GGN) or ``"raise"`` (ValueError).
         map_steps, lr, batch_size: Adam steps, learning rate and minibatch size of the MAP fit
-            (:func:`pbnn.engine.training.fit_map`, as :class:`pbnn.infer.MAP`).
+            (:func:`pbnn.engine.optim.fit_map`, as :class:`pbnn.infer.MAP`).
         refine: polish a full-batch MAP with L-BFGS so the gradient is ~0 there, as the Laplace
             expansion assumes.
         num_samples: weight draws stored in the Posterior (more can be made).

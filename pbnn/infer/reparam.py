@@ -184,13 +184,8 @@ def _flipout_hook(module, x, out, dw, db):
     return out + pert * _signs(_sign_shape(module, out), out)
 
 
-def _split(potential, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A flat unconstrained vector split into per-site tensors (no transform applied)."""
-    return {n: t.reshape(shape) for n, shape, t in zip(potential.names, potential.shapes, flat.split(potential.sizes))}
-
-
-def negative_elbo(model, potential, posterior, fixed: dict[str, torch.Tensor], estimator: str, num_particles: int = 1):
-    """The negative ELBO of a mean-field guide on a :class:`pbnn.BNN`, with the likelihood term
+def negative_elbo(potential, posterior, fixed: dict[str, torch.Tensor], estimator: str, num_particles: int = 1):
+    """The negative ELBO of a mean-field guide on a BNN's potential, with the likelihood term
     sampled by ``estimator``; returns ``loss(idx)`` (``idx``: minibatch indices or None).
 
     ``posterior()`` returns the guide's current ``q(z) = Independent(Normal(loc, scale), 1)``
@@ -215,12 +210,13 @@ def negative_elbo(model, potential, posterior, fixed: dict[str, torch.Tensor], e
         >>> data = pbnn.data.validate(model, torch.randn(8, 2), torch.randn(8))
         >>> pot = pbnn.potential.Potential(model, data)
         >>> q = Independent(Normal(torch.zeros(pot.dim), torch.ones(pot.dim)), 1)
-        >>> loss = negative_elbo(model, pot, lambda: q, {}, "local_reparam")
+        >>> loss = negative_elbo(pot, lambda: q, {}, "local_reparam")
         >>> loss(None).shape
         torch.Size([])
     """
     if estimator not in ESTIMATORS[1:]:
         raise ValueError(f"negative_elbo needs estimator 'local_reparam' or 'flipout', got {estimator!r}")
+    model = potential.model
     bayes = model.bayesian_names
     local = set(supported_layers(model.net, bayes))
     others = unsupported_layers(model.net, bayes)
@@ -240,7 +236,7 @@ def negative_elbo(model, potential, posterior, fixed: dict[str, torch.Tensor], e
             raise ValueError(f"estimator={estimator!r} needs a mean-field (diagonal Normal) guide")
         loc, scale = q.base_dist.loc, q.base_dist.scale
         x, y, ll_scale = (data.x, data.y, 1.0) if idx is None else (data.x[idx], data.y[idx], n / idx.shape[0])
-        mean, sd = _split(potential, loc), _split(potential, scale)
+        mean, sd = potential.layout.split(loc), potential.layout.split(scale)
         total = torch.zeros((), dtype=loc.dtype)
         for _ in range(num_particles):
             z = loc + scale * torch.randn_like(loc)

@@ -23,7 +23,7 @@ from pbnn.core.data import validate
 from pbnn.core.options import nonneg, nonneg_int, one_of, option, optional, positive, positive_int, probability
 from pbnn.core.potential import Potential
 from pbnn.engine import chains, distributed
-from pbnn.engine.training import resolve_batch_size
+from pbnn.engine.optim import resolve_batch_size
 from pbnn.infer.base import Backend, ChainOptions, RunOptions, register
 from pbnn.kernels import sgmcmc
 

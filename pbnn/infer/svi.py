@@ -11,38 +11,24 @@ Example:
 
 from __future__ import annotations
 
-import pyro
+from dataclasses import dataclass
+
 import torch
 from pyro.infer import autoguide
-from torch.distributions import (
-    Independent,
-    LowRankMultivariateNormal,
-    MultivariateNormal,
-    Normal,
-    biject_to,
-)
+from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal, biject_to
 
-from pbnn.posterior.approx import FlatApproximation
-from pbnn.core.data import Data
-from pbnn.engine.distributed import broadcast_seed, is_active
-from pbnn.infer.base import accepts_subsample, Backend, check_positive, check_positive_int, register
-from pbnn.core.model import BNN
-from pbnn.posterior.posterior import Posterior
+from pbnn.core.options import option, optional, positive, positive_int
 from pbnn.core.potential import Potential
+from pbnn.engine.optim import decay, fitted_params, optimise, run_svi
+from pbnn.infer.base import Backend, OptimOptions, RunOptions, register
 from pbnn.infer.reparam import ESTIMATORS
 from pbnn.infer.reparam import negative_elbo as local_negative_elbo
-from pbnn.engine.training import fitted_params, resolve_batch_size, run_adam, run_svi, seeded
+from pbnn.posterior.approx import FlatApproximation
+from pbnn.posterior.posterior import Posterior
 
 __all__ = ["SVI"]
 
 GUIDES = ("mean_field", "low_rank", "full_rank")
-
-
-def init_loc_fn(model):
-    """Start at the network's own initialisation (breaks hidden-unit symmetry), other sites at the prior median."""
-    if isinstance(model, BNN):
-        return autoguide.init_to_value(values=model.init_values(), fallback=autoguide.init_to_median)
-    return autoguide.init_to_median
 
 
 def _detached_posterior(guide) -> torch.distributions.Distribution:
@@ -65,7 +51,8 @@ def flat_approximation(guide) -> FlatApproximation:
 
 
 @register("svi")
-class SVI(Backend):
+@dataclass(frozen=True, kw_only=True)
+class SVI(Backend, RunOptions, OptimOptions):
     """Variational inference: maximise the ELBO of a Gaussian guide with Adam.
 
     Args:
@@ -73,7 +60,7 @@ class SVI(Backend):
             (``AutoLowRankMultivariateNormal``) or ``"full_rank"`` (``AutoMultivariateNormal``).
             All are Gaussian in the unconstrained space of the latent sites.
         num_steps: optimisation steps.
-        lr: Adam learning rate; it decays by 10x over the run (ClippedAdam, clip norm 10).
+        lr: Adam learning rate; it decays by 10x over the run (gradient norm clipped at 10).
         batch_size: minibatch size. None: full batch up to 2048 points, else 256.
         num_particles: Monte Carlo samples per ELBO estimate.
         rank: rank of the low-rank guide (default: about sqrt(D), at most 20).
@@ -85,8 +72,7 @@ class SVI(Backend):
             0.16 / 0.10; while 1e-2 underfits the 1-D gap demo (RMSE 0.43 against 0.32).
         num_samples: draws stored in the Posterior (more can be made from the fitted guide).
         seed: seed for initialisation, minibatches and draws (None: torch's global RNG).
-        accumulate: gradient accumulation: split each minibatch into this many micro-batches
-            (same update, less memory).
+        accumulate: split each minibatch into this many micro-batches (same update, less memory).
         checkpoint_path, checkpoint_every: write a checkpoint every that many steps and resume
             from the file when it exists (BNN models).
         progress: show a tqdm bar with the current -ELBO per data point.
@@ -97,153 +83,112 @@ class SVI(Backend):
             The posterior and the predictions are drawn the same way for all three; see
             ``docs/svi.md``.
 
+    A :class:`pbnn.BNN` is fitted on its functional potential (the same ELBO as Pyro's
+    ``Trace_ELBO`` with this autoguide, several times faster per step) by
+    :func:`pbnn.engine.optim.optimise`; a hand-written Pyro model by Pyro's SVI
+    (ClippedAdam) through :func:`pbnn.engine.optim.run_svi`.
+
     Example:
         >>> import pbnn
         >>> pbnn.infer.SVI(guide="full_rank", num_steps=2000).guide
         'full_rank'
     """
 
-    name = "svi"
+    guide: str = "mean_field"
+    num_particles: int = option(1, positive_int)
+    rank: int | None = option(None, optional(positive_int))
+    init_scale: float = option(3e-3, positive)
+    num_samples: int = option(1000, positive_int)
+    estimator: str = "reparam"
 
-    def __init__(
-        self,
-        guide: str = "mean_field",
-        num_steps: int = 3000,
-        lr: float = 0.01,
-        batch_size: int | None = None,
-        num_particles: int = 1,
-        rank: int | None = None,
-        init_scale: float = 3e-3,
-        num_samples: int = 1000,
-        seed: int | None = None,
-        progress: bool = True,
-        accumulate: int = 1,
-        checkpoint_path: str | None = None,
-        checkpoint_every: int | None = None,
-        estimator: str = "reparam",
-    ) -> None:
-        if guide not in GUIDES:
-            raise ValueError(f"unknown guide {guide!r}; choose one of {GUIDES}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
-        if estimator != "reparam" and guide != "mean_field":
+    def validate(self) -> None:
+        super().validate()
+        if self.guide not in GUIDES:
+            raise ValueError(f"unknown guide {self.guide!r}; choose one of {GUIDES}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {ESTIMATORS}")
+        if self.estimator != "reparam" and self.guide != "mean_field":
             raise ValueError(
-                f"estimator={estimator!r} needs the mean-field guide (independent Gaussian weights), got "
-                f"guide={guide!r}; use guide='mean_field' or estimator='reparam'"
+                f"estimator={self.estimator!r} needs the mean-field guide (independent Gaussian weights), got "
+                f"guide={self.guide!r}; use guide='mean_field' or estimator='reparam'"
             )
-        self.estimator = estimator
-        self.guide = guide
-        self.num_steps = check_positive_int("num_steps", num_steps)
-        self.lr = check_positive("lr", lr)
-        self.batch_size = batch_size
-        self.num_particles = check_positive_int("num_particles", num_particles)
-        self.rank = rank
-        self.init_scale = check_positive("init_scale", init_scale)
-        self.num_samples = check_positive_int("num_samples", num_samples)
-        self.seed = seed
-        self.progress = progress
-        self.accumulate = check_positive_int("accumulate", accumulate)
-        if (checkpoint_path is None) != (checkpoint_every is None):
-            raise ValueError("pass both checkpoint_path and checkpoint_every (or neither)")
-        self.checkpoint_path = checkpoint_path
-        self.checkpoint_every = checkpoint_every
 
-    def _make_guide(self, model, data: Data):
-        common = {"init_loc_fn": init_loc_fn(model), "init_scale": self.init_scale}
+    def _make_guide(self, potential: Potential):
+        model = potential.model
+        init = autoguide.init_to_median
+        if potential.kind == "bnn":  # the network's own initialisation breaks hidden-unit symmetry
+            init = autoguide.init_to_value(values=model.init_values(), fallback=autoguide.init_to_median)
+        common = {"init_loc_fn": init, "init_scale": self.init_scale}
         if self.guide == "mean_field":
             return autoguide.AutoDiagonalNormal(model, **common)
         if self.guide == "full_rank":
             return autoguide.AutoMultivariateNormal(model, **common)
         guide = autoguide.AutoLowRankMultivariateNormal(model, rank=self.rank or 1, **common)
         if self.rank is None:  # pick the rank once the latent dimension is known
-            guide._setup_prototype(data.x, data.y)
+            guide._setup_prototype(potential.data.x, potential.data.y)
             guide.rank = max(1, min(20, int(round(guide.latent_dim**0.5))))
         return guide
 
-    def fit(self, model, data: Data) -> Posterior:
-        batch = resolve_batch_size(self.batch_size, len(data))
-        if not isinstance(model, BNN) and (self.accumulate > 1 or self.checkpoint_path or is_active()):
-            raise ValueError(
-                "gradient accumulation, checkpoints and data-parallel training need a pbnn.BNN model; "
-                "hand-written Pyro models are trained by pyro.infer.SVI in one process"
-            )
-        if batch is not None and not isinstance(model, BNN) and not accepts_subsample(model):
-            raise ValueError(
-                "minibatch SVI needs the model to accept subsample= (see pbnn.api's site and plate "
-                "convention); pass batch_size >= len(x) for full-batch training"
-            )
-        if self.estimator != "reparam" and not isinstance(model, BNN):
-            raise ValueError(
-                f"estimator={self.estimator!r} needs a pbnn.BNN model (it samples the layers' outputs); "
-                "use estimator='reparam' for a hand-written Pyro model"
-            )
-        with seeded(broadcast_seed(self.seed)), pyro.get_param_store().scope():
-            guide = self._make_guide(model, data)
-            if isinstance(model, BNN):
-                losses, fixed = self._fit_functional(model, guide, data, batch)
-            else:
-                losses = run_svi(
-                    model,
-                    guide,
-                    data,
-                    num_steps=self.num_steps,
-                    lr=self.lr,
-                    batch_size=batch,
-                    num_particles=self.num_particles,
-                    desc=f"SVI ({self.guide})",
-                    progress=self.progress,
+    def run(self, potential: Potential) -> Posterior:
+        batch = self.resolved_batch_size(len(potential))
+        desc = f"SVI ({self.guide})"
+        if potential.kind != "bnn":
+            potential.require(self.name, minibatch=batch is not None)
+            if self.estimator != "reparam":
+                raise ValueError(
+                    f"estimator={self.estimator!r} needs a pbnn.BNN model (it samples the layers' outputs); "
+                    "use estimator='reparam' for a hand-written Pyro model"
                 )
-                fixed = fitted_params(guide._pyro_name)
-            approx = flat_approximation(guide)
-            draws = approx.sample(self.num_samples)
-        samples = {k: v.unsqueeze(0) for k, v in draws.items()}
-        return Posterior(
-            model,
-            samples,
-            data=data,
-            method=self.name,
-            fixed=fixed,
-            approximation=approx,
-            info={"losses": losses, "guide": self.guide, "estimator": self.estimator},
-        )
+        guide = self._make_guide(potential)
+        if potential.kind == "bnn":
+            negative_elbo, params, fixed = self._objective(potential, guide)
+            losses = optimise(
+                params,
+                negative_elbo,
+                num_steps=self.num_steps,
+                lr=decay(self.lr, self.num_steps),
+                n=len(potential),
+                batch_size=batch,
+                accumulate=self.accumulate,
+                checkpoint_path=self.checkpoint_path,
+                checkpoint_every=self.checkpoint_every,
+                scale=len(potential),
+                desc=desc,
+                progress=self.progress,
+                loss_name="-elbo/N",
+            )
+            fixed = {k: v.detach() for k, v in fixed.items()}
+        else:
+            data = potential.data
+            losses = run_svi(
+                potential.model,
+                guide,
+                data,
+                num_steps=self.num_steps,
+                lr=self.lr,
+                batch_size=batch,
+                num_particles=self.num_particles,
+                accumulate=self.accumulate,
+                checkpoint_path=self.checkpoint_path,
+                desc=desc,
+                progress=self.progress,
+            )
+            fixed = fitted_params(guide._pyro_name)
+        approx = flat_approximation(guide)
+        samples = {k: v.unsqueeze(0) for k, v in approx.sample(self.num_samples).items()}
+        info = {"losses": losses, "guide": self.guide, "estimator": self.estimator}
+        return self.posterior(potential, samples, fixed=fixed, approximation=approx, info=info)
 
-    def _fit_functional(self, model: BNN, guide, data: Data, batch: int | None):
-        """The same ELBO as ``Trace_ELBO`` with this autoguide, evaluated on the BNN's functional
-        potential instead of Pyro traces (several times faster per step).
+    def _objective(self, potential: Potential, guide):
+        """``(negative_elbo(idx), parameters to optimise, deterministic weights)`` of a BNN.
 
         For an AutoContinuous guide, Trace_ELBO's estimate is
         ``log p(theta(z), y) + log|J(z)| - log q(z)`` at ``z ~ q``: exactly this.
         """
-        negative_elbo, params, fixed = self._objective(model, guide, data)
-        losses = run_adam(
-            params,
-            negative_elbo,
-            num_steps=self.num_steps,
-            lr=self.lr,
-            n=len(data),
-            batch_size=batch,
-            desc=f"SVI ({self.guide})",
-            progress=self.progress,
-            accumulate=self.accumulate,
-            checkpoint_path=self.checkpoint_path,
-            checkpoint_every=self.checkpoint_every,
-            loss_name="-elbo/N",
-        )
-        return losses, {k: v.detach() for k, v in fixed.items()}
-
-    def _objective(self, model: BNN, guide, data: Data):
-        """``(negative_elbo(idx), parameters to optimise, deterministic weights)`` of the fast path."""
-        guide(data.x, data.y)  # create the guide's parameters (in this fit's private scope)
-        potential = Potential(
-            model,
-            data,
-            order=[n for n, _ in guide.prototype_trace.iter_stochastic_nodes() if n in guide._unconstrained_shapes],
-        )
-        fixed = {
-            n: p.detach().clone().requires_grad_(True)
-            for n, p in model.net.named_parameters()
-            if n in model.deterministic_names
-        }
+        guide(potential.data.x, potential.data.y)  # create the guide's parameters (in this fit's private scope)
+        order = [n for n, _ in guide.prototype_trace.iter_stochastic_nodes() if n in guide._unconstrained_shapes]
+        potential = potential.with_order(order)
+        fixed = {n: v.detach().clone().requires_grad_(True) for n, v in potential.fixed.items()}
         params = [p for p in guide.parameters()] + list(fixed.values())
 
         def negative_elbo(idx):
@@ -254,6 +199,6 @@ class SVI(Backend):
 
         if self.estimator != "reparam":  # per-example weight noise in Linear / Conv layers
             negative_elbo = local_negative_elbo(
-                model, potential, guide.get_posterior, fixed, self.estimator, self.num_particles
+                potential, guide.get_posterior, fixed, self.estimator, self.num_particles
             )
         return negative_elbo, params, fixed

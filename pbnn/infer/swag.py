@@ -1,6 +1,7 @@
 """SWA, SWAG and MultiSWAG: Gaussians fitted to the iterates of SGD at a constant learning rate.
 
-After a pretraining phase (Adam towards the MAP, as :class:`pbnn.infer.MAP`), SGD with
+After ``map_steps`` of MAP pre-training (:func:`pbnn.engine.optim.fit_map`, the fit of
+:class:`pbnn.infer.MAP`, on the same objective the SGD phase descends), SGD with
 momentum runs at a constant learning rate on minibatches, and every ``collect_every``
 steps the current weights ``theta`` update (Maddox, Izmailov, Garipov, Vetrov and Wilson,
 NeurIPS 2019):
@@ -20,14 +21,20 @@ scale ``sigma`` is part of the weights (as ``log sigma``) and of every draw.
   Izmailov 2020), one chain per member; with ``pbnn.fit(..., distributed=True)`` under
   ``torchrun`` the members are spread over the ranks and gathered (:mod:`pbnn.distributed`).
 
+``map_steps`` was called ``start``: it is a MAP pre-training of the same objective (the
+SWAG paper's burn-in trains the same loss before the constant-rate phase), so it has the
+name of every MAP pre-training. SWA's mean is SWAG's running mean (``SwagMoments``), not
+``torch.optim.swa_utils.AveragedModel``: the moments are collected anyway, and SWA must
+equal SWAG's mean for the same seed.
+
 With BatchNorm in the net, each draw's BatchNorm statistics are recomputed on the
-training inputs at prediction time (:func:`pbnn.engine.pointfit.predict_bn_refresh`).
+training inputs at prediction time (:func:`pbnn.posterior.predictive.predict_bn_refresh`).
 
 Example:
     >>> import torch, pbnn
     >>> x = torch.linspace(-2, 2, 40)[:, None]; y = torch.sin(x[:, 0])
     >>> net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    >>> post = pbnn.fit(pbnn.BNN(net), x, y, method="swag", start=100, num_steps=200, num_samples=10,
+    >>> post = pbnn.fit(pbnn.BNN(net), x, y, method="swag", map_steps=100, num_steps=200, num_samples=10,
     ...                 progress=False, seed=0)
     >>> post.samples["0.weight"].shape, post.info["num_collected"]
     (torch.Size([1, 10, 8, 1]), 10)
@@ -36,25 +43,18 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from pbnn.engine import distributed
-from pbnn.posterior.approx import FlatApproximation, SwagMoments, SWAGNormal
-from pbnn.core.data import Data
-from pbnn.infer.base import Backend, check_positive, check_positive_int, register
-from pbnn.engine.pointfit import (
-    decaying_lr,
-    has_batchnorm,
-    initial_points,
-    predict_bn_refresh,
-    predict_params,
-    require_bnn,
-    train_points,
-)
-from pbnn.posterior.posterior import Posterior
+from pbnn.core.options import nonneg_int, option, optional, positive, positive_int
 from pbnn.core.potential import Potential
-from pbnn.engine.training import resolve_batch_size, seeded
+from pbnn.engine import distributed
+from pbnn.engine.optim import check_momentum, fit_map, fit_points, initial_points, resolve_batch_size, seeded
+from pbnn.infer.base import Backend, OptimOptions, RunOptions, register
+from pbnn.posterior.approx import FlatApproximation, SwagMoments, SWAGNormal
+from pbnn.posterior.posterior import Posterior
+from pbnn.posterior.predictive import has_batchnorm, predict_bn_refresh, predict_params
 
 __all__ = ["SWA", "SWAG", "MultiSWAG", "SwagMoments", "SWAGNormal", "swag_batch_size"]
 
@@ -67,25 +67,29 @@ def swag_batch_size(batch_size: int | None, n: int) -> int | None:
 
 
 @register("swag")
-class SWAG(Backend):
+@dataclass(frozen=True, kw_only=True)
+class SWAG(Backend, RunOptions, OptimOptions):
     """SWA-Gaussian: mean, diagonal and low-rank covariance of constant-learning-rate SGD iterates.
 
     Args:
         rank: ``K``, the number of deviation columns (20 in the paper; 0 gives SWAG-diagonal).
         scale: covariance scale of the draws (0.5 in the paper; 1.0 for SWAG-diagonal).
-        start: pretraining steps (Adam with ``lr`` decaying 10x, as :class:`pbnn.infer.MAP`)
-            before collection starts.
-        num_steps: total steps, pretraining included; ``num_steps - start`` SGD steps.
+        map_steps: MAP pre-training steps (:func:`pbnn.engine.optim.fit_map`: Adam with
+            ``lr`` decaying 10x, as :class:`pbnn.infer.MAP`) before collection starts
+            (formerly ``start``).
+        num_steps: total steps, pre-training included; ``num_steps - map_steps`` SGD steps.
         collect_every: SGD steps between collected iterates (default: one epoch).
-        lr: pretraining (Adam) learning rate.
+        lr: MAP pre-training (Adam) learning rate.
         swag_lr: constant SGD learning rate of the collection phase (on the negative log
             joint per data point).
         momentum: SGD momentum (0.9 as in the paper).
-        batch_size: minibatch size; default: full batch for pretraining up to 2048 points,
+        batch_size: minibatch size; default: full batch for pre-training up to 2048 points,
             and ten minibatches per epoch (at most 256 points) for the SGD phase, whose
             gradient noise is what SWAG measures.
         num_samples: draws stored in the Posterior (30 in the paper).
-        accumulate: average gradients over this many minibatches per step.
+        accumulate: split each minibatch into this many micro-batches (same update, less memory).
+        checkpoint_path, checkpoint_every: checkpoint the MAP pre-training and resume from the
+            file (MultiSWAG: one file per member, ``<path>.member<m>``).
         seed: seed for initialisation, minibatches and draws.
         progress: show tqdm bars.
 
@@ -95,57 +99,33 @@ class SWAG(Backend):
         0.5
     """
 
-    name = "swag"
+    model_kinds = ("bnn",)
+    renamed = {"start": "map_steps"}
     _mean_only = False
+    rank: int = option(20, nonneg_int)
+    scale: float = option(0.5, positive)
+    map_steps: int = option(3000, nonneg_int)
+    num_steps: int = option(4000, positive_int)
+    collect_every: int | None = option(None, optional(positive_int))
+    swag_lr: float = option(0.003, positive)
+    momentum: float = option(0.9, check_momentum)
+    num_samples: int = option(30, positive_int)
 
-    def __init__(
-        self,
-        rank: int = 20,
-        scale: float = 0.5,
-        start: int = 3000,
-        num_steps: int = 4000,
-        collect_every: int | None = None,
-        lr: float = 0.01,
-        swag_lr: float = 0.003,
-        momentum: float = 0.9,
-        batch_size: int | None = None,
-        num_samples: int = 30,
-        accumulate: int = 1,
-        seed: int | None = None,
-        progress: bool = True,
-    ) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise ValueError(f"rank must be a non-negative integer (0: SWAG-diagonal), got {rank!r}")
-        self.rank = rank
-        self.scale = check_positive("scale", scale)
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be a non-negative integer number of pretraining steps, got {start!r}")
-        self.start = start
-        self.num_steps = check_positive_int("num_steps", num_steps)
-        if num_steps <= start:
+    def validate(self) -> None:
+        super().validate()
+        if self.num_steps <= self.map_steps:
             raise ValueError(
-                f"num_steps ({num_steps}) must exceed start ({start}): the SGD phase runs num_steps - start steps"
+                f"num_steps ({self.num_steps}) must exceed map_steps ({self.map_steps}): the SGD phase runs "
+                "num_steps - map_steps steps"
             )
-        self.collect_every = None if collect_every is None else check_positive_int("collect_every", collect_every)
-        self.lr = check_positive("lr", lr)
-        self.swag_lr = check_positive("swag_lr", swag_lr)
-        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
-        self.batch_size = batch_size
-        self.num_samples = check_positive_int("num_samples", num_samples)
-        self.accumulate = check_positive_int("accumulate", accumulate)
-        self.seed = seed
-        self.progress = progress
 
     # ------------------------------------------------------------------ the shared run
-    def _run(self, model, data: Data, num_runs: int, desc: str):
-        """Pretrain and collect ``num_runs`` independent SWAG runs; returns (moments, fixed, info)."""
-        potential = Potential(model, data)
-        n = len(data)
+    def _collect(self, potential: Potential, num_runs: int, desc: str):
+        """Pre-train and collect ``num_runs`` independent SWAG runs; returns (moments, fixed, info)."""
+        n = len(potential)
         sgd_batch = swag_batch_size(self.batch_size, n)
         every = self.collect_every or (1 if sgd_batch is None else math.ceil(n / sgd_batch))
-        sgd_steps = self.num_steps - self.start
+        sgd_steps = self.num_steps - self.map_steps
         if sgd_steps < every:
             raise ValueError(
                 f"the SGD phase ({sgd_steps} steps) is shorter than collect_every ({every}); "
@@ -153,30 +133,21 @@ class SWAG(Backend):
             )
         # Independent starting points for MultiSWAG; SWAG keeps the network's own init.
         seeds = [None] if num_runs == 1 else [int(torch.randint(0, 2**31 - 1, ()).item()) + m for m in range(num_runs)]
-        z, fixed = initial_points(model, potential, seeds)
+        z, fixed = initial_points(potential, seeds)
+        first = 0
         if num_runs > 1:  # distributed MultiSWAG: every rank draws all starts and runs its block of members
             mine = distributed.chain_slice(num_runs, every_rank=True)
-            z, fixed = z[mine], {k: v[mine] for k, v in fixed.items()}
+            z, fixed, seeds, first = z[mine], {k: v[mine] for k, v in fixed.items()}, seeds[mine], mine.start
         losses: list[float] = []
-        if self.start > 0:
-            z, fixed, losses = train_points(
-                potential,
-                z,
-                fixed,
-                num_steps=self.start,
-                lr=decaying_lr(self.lr, self.start),
-                batch_size=resolve_batch_size(self.batch_size, n),
-                accumulate=self.accumulate,
-                desc=f"{desc} pretraining",
-                progress=self.progress,
-            )
+        if self.map_steps > 0:
+            z, fixed, losses = self._pretrain(potential, z, fixed, seeds, first, desc)
         moments = SwagMoments(potential.dim, self.rank, len(z))
 
         def collect(t, zt):
             if (t + 1) % every == 0:
                 moments.update(zt.clone())
 
-        _, _, sgd_losses = train_points(
+        _, _, sgd_losses = fit_points(
             potential,
             z,
             fixed,
@@ -186,7 +157,7 @@ class SWAG(Backend):
             momentum=self.momentum,
             batch_size=sgd_batch,
             accumulate=self.accumulate,
-            train_fixed=False,  # deterministic parameters stay at their pretrained values
+            train_fixed=False,  # deterministic parameters stay at their pre-trained values
             on_step=collect,
             desc=f"{desc} SGD",
             progress=self.progress,
@@ -198,39 +169,60 @@ class SWAG(Backend):
             )
             moments._devs, sgd_losses = list(devs), []
         info = {"losses": losses + sgd_losses, "num_collected": moments.n, "collect_every": every}
-        return potential, moments, fixed, info
+        return moments, fixed, info
 
-    def _posterior(self, model, data, potential, moments, fixed, info, num_per_run: int) -> Posterior:
+    def _pretrain(self, potential: Potential, z, fixed, seeds, first: int, desc: str):
+        """The MAP fit of each run from its start (MultiSWAG: under the member's seed, so a
+        member's minibatches do not depend on how members are spread over ranks). Rank-local:
+        under ``torch.distributed`` ranks train different members (or all the whole fit)."""
+        runs = []
+        for m, seed in enumerate(seeds):
+            path = self.checkpoint_path
+            if path is not None and seed is not None:
+                path = f"{path}.member{first + m}"
+            with seeded(seed), distributed.rank_local():
+                runs.append(
+                    fit_map(
+                        potential,
+                        z[m],
+                        num_steps=self.map_steps,
+                        lr=self.lr,
+                        batch_size=self.resolved_batch_size(len(potential)),
+                        fixed={k: v[m] for k, v in fixed.items()},
+                        accumulate=self.accumulate,
+                        checkpoint_path=path,
+                        checkpoint_every=self.checkpoint_every,
+                        desc=f"{desc} MAP",
+                        progress=self.progress,
+                    )
+                )
+        z = torch.stack([r[0] for r in runs])
+        fixed = {k: torch.stack([r[1][k] for r in runs]) for k in fixed}
+        return z, fixed, [sum(v) / len(v) for v in zip(*(r[2] for r in runs))]
+
+    def _posterior(self, potential: Potential, moments, fixed, info) -> Posterior:
         q = moments.distribution(self.scale)
-        if self._mean_only:
-            z = moments.mean[:, None]  # [runs, 1, D]
-        else:
-            z = q.sample_runs(num_per_run)
-        values, _ = potential.unpack(z)
-        samples = dict(values)
+        z = moments.mean[:, None] if self._mean_only else q.sample_runs(self.num_samples)  # [runs, draws, D]
+        samples = dict(potential.layout.constrain(z))
         det = {k: v[0] for k, v in fixed.items()}
         predictor, approx = None, None
         if fixed and moments.mean.shape[0] > 1:  # deterministic parameters differ per run
             samples.update({k: v[:, None].expand((-1, z.shape[1]) + v.shape[1:]) for k, v in fixed.items()})
             det, predictor = {}, predict_params
         elif not self._mean_only:
-            sites = list(zip(potential.names, potential.shapes, potential.transforms))
-            approx = FlatApproximation(q, sites)
-        if has_batchnorm(model.net):
+            approx = FlatApproximation(q, potential.layout.sites)
+        if has_batchnorm(potential.model.net):
             predictor = predict_bn_refresh
         info = {**info, "rank": self.rank, "scale": self.scale}
-        return Posterior(
-            model, samples, data=data, method=self.name, fixed=det, approximation=approx, predictor=predictor, info=info
-        )
+        return self.posterior(potential, samples, fixed=det, approximation=approx, predictor=predictor, info=info)
 
-    def fit(self, model, data: Data) -> Posterior:
-        model = require_bnn(model, self.name)
-        with seeded(self.seed):
-            potential, moments, fixed, info = self._run(model, data, 1, self.name.upper())
-            return self._posterior(model, data, potential, moments, fixed, info, self.num_samples)
+    def run(self, potential: Potential) -> Posterior:
+        moments, fixed, info = self._collect(potential, 1, self.name.upper())
+        return self._posterior(potential, moments, fixed, info)
 
 
 @register("swa")
+@dataclass(frozen=True, kw_only=True)
 class SWA(SWAG):
     """Stochastic weight averaging (Izmailov et al. 2018): the mean of the SGD iterates, one draw.
 
@@ -238,15 +230,15 @@ class SWA(SWAG):
 
     Example:
         >>> import pbnn
-        >>> pbnn.infer.SWA(start=1000, num_steps=1500).start
+        >>> pbnn.infer.SWA(map_steps=1000, num_steps=1500).map_steps
         1000
     """
 
-    name = "swa"
     _mean_only = True
 
 
 @register("multiswag")
+@dataclass(frozen=True, kw_only=True)
 class MultiSWAG(SWAG):
     """An ensemble of ``num_members`` independent SWAG runs (Wilson and Izmailov 2020).
 
@@ -260,46 +252,11 @@ class MultiSWAG(SWAG):
         3
     """
 
-    name = "multiswag"
+    num_members: int = option(3, positive_int)
+    num_samples: int = option(20, positive_int)
 
-    def __init__(
-        self,
-        num_members: int = 3,
-        rank: int = 20,
-        scale: float = 0.5,
-        start: int = 3000,
-        num_steps: int = 4000,
-        collect_every: int | None = None,
-        lr: float = 0.01,
-        swag_lr: float = 0.003,
-        momentum: float = 0.9,
-        batch_size: int | None = None,
-        num_samples: int = 20,
-        accumulate: int = 1,
-        seed: int | None = None,
-        progress: bool = True,
-    ) -> None:
-        self.num_members = check_positive_int("num_members", num_members)
-        super().__init__(
-            rank,
-            scale,
-            start,
-            num_steps,
-            collect_every,
-            lr,
-            swag_lr,
-            momentum,
-            batch_size,
-            num_samples,
-            accumulate,
-            seed,
-            progress,
-        )
-
-    def fit(self, model, data: Data) -> Posterior:
-        model = require_bnn(model, self.name)
-        with seeded(distributed.broadcast_seed(self.seed)):
-            potential, moments, fixed, info = self._run(model, data, self.num_members, "MultiSWAG")
-            post = self._posterior(model, data, potential, moments, fixed, info, self.num_samples)
+    def run(self, potential: Potential) -> Posterior:
+        moments, fixed, info = self._collect(potential, self.num_members, "MultiSWAG")
+        post = self._posterior(potential, moments, fixed, info)
         post.info["num_members"] = self.num_members
         return post

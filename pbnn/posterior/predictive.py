@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -25,9 +26,19 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from torch import nn
 from torch.distributions import Distribution, Independent
+from torch.func import functional_call
 
-__all__ = ["Prediction", "predict_bnn", "predict_pyro", "chunked_vmap"]
+__all__ = [
+    "Prediction",
+    "predict_bnn",
+    "predict_pyro",
+    "predict_params",
+    "predict_bn_refresh",
+    "has_batchnorm",
+    "chunked_vmap",
+]
 
 _CLASSIFICATION = (dist.Categorical, dist.Bernoulli, dist.OneHotCategorical)
 
@@ -226,10 +237,12 @@ def predict_bnn(
     fixed: dict[str, torch.Tensor],
     x: torch.Tensor,
     chunk_size: int | None = None,
+    noise: dict[str, torch.Tensor] | None = None,
 ) -> Prediction:
-    """Vectorised predictive of a :class:`pbnn.BNN` for flat draws ``{site: [S, ...]}``."""
-    names = model.bayesian_names
-    weights = {n: draws[n] for n in names}
+    """Vectorised predictive of a :class:`pbnn.BNN` for flat draws ``{site: [S, ...]}``.
+
+    ``noise`` holds the draws of the noise sites when ``draws`` are network tensors only."""
+    weights = {n: draws[n] for n in model.bayesian_names} if noise is None else draws
     chunk = chunk_size or default_chunk_size(x.shape[0])
     was_training = model.net.training
     model.net.eval()
@@ -238,6 +251,58 @@ def predict_bnn(
             f = chunked_vmap(lambda w: model.output({**fixed, **w}, x), weights, chunk)
     finally:
         model.net.train(was_training)
+    noise = {n: (draws if noise is None else noise)[n] for n in model.noise_sites(f.shape[-1])}
+    return Prediction(f, model.likelihood.conditional(f, noise))
+
+
+def predict_params(post, draws: dict[str, torch.Tensor], x: torch.Tensor) -> Prediction:
+    """Posterior ``predictor`` for draws that carry any network tensors per draw.
+
+    Draws may hold, besides the Bayesian weights, deterministic parameters (one value per
+    ensemble member) and BatchNorm buffers; every draw entry whose name is a parameter or
+    buffer of the net is passed to the network, which runs in eval mode.
+    """
+    net = post.model.net
+    tensors = {n for n, _ in net.named_parameters()} | {n for n, _ in net.named_buffers()}
+    fixed = {k: v for k, v in post.fixed.items() if k not in draws}
+    return predict_bnn(post.model, {k: v for k, v in draws.items() if k in tensors}, fixed, x, noise=draws)
+
+
+def has_batchnorm(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def predict_bn_refresh(post, draws: dict[str, torch.Tensor], x: torch.Tensor) -> Prediction:
+    """Posterior ``predictor`` for nets with BatchNorm: statistics recomputed for every draw.
+
+    A weight draw that was never trained as such (a SWAG draw, an ensemble member) needs
+    its own BatchNorm statistics (Maddox et al. 2019). For each draw this runs the training
+    inputs through a private copy of the net with only the BatchNorm layers in train mode
+    (cumulative averages, ``momentum=None``), then evaluates ``x`` in eval mode.
+    (``torch.optim.swa_utils.update_bn`` does not fit: it puts the whole net in train mode,
+    so dropout layers would be on during the refresh, and it calls the module with its own
+    parameters, while pbnn evaluates each draw functionally.)
+    """
+    model = post.model
+    net = copy.deepcopy(model.net)
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.momentum = None
+    names = {n for n, _ in net.named_parameters()}
+    outs = []
+    with torch.no_grad():
+        for s in range(next(iter(draws.values())).shape[0]):
+            params = {**post.fixed, **{k: v[s] for k, v in draws.items() if k in names}}
+            net.eval()
+            for m in bns:
+                m.reset_running_stats()
+                m.train()
+            for chunk in post.data.x.split(1024):
+                functional_call(net, params, (chunk,))
+            net.eval()
+            f = functional_call(net, params, (x,))
+            outs.append(f.reshape(f.shape[0], -1))
+    f = torch.stack(outs)
     noise = {n: draws[n] for n in model.noise_sites(f.shape[-1])}
     return Prediction(f, model.likelihood.conditional(f, noise))
 
