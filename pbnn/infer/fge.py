@@ -1,7 +1,7 @@
 """Fast geometric ensembling (Garipov, Izmailov, Podoprikhin, Vetrov and Wilson, NeurIPS 2018).
 
-From a pre-trained MAP (``map_steps`` of :func:`pbnn.engine.optim.fit_map`, the fit of
-:class:`pbnn.infer.MAP`; formerly ``pretrain_steps``), SGD with momentum runs with a
+From a pre-trained MAP (``map_steps`` of Adam on the per-datum loss the cycles descend,
+:func:`pbnn.engine.optim.fit_points`; formerly ``pretrain_steps``), SGD with momentum runs with a
 triangular cyclical learning rate; at the middle of each cycle, where the learning rate
 is lowest, the weights are saved. The snapshots are the posterior draws (one chain).
 
@@ -31,7 +31,7 @@ import torch
 from pbnn.core.options import nonneg_int, option, optional, positive, positive_int
 from pbnn.core.potential import Potential
 from pbnn.engine import distributed
-from pbnn.engine.optim import check_momentum, fit_map, fit_points, resolve_batch_size
+from pbnn.engine.optim import check_momentum, decay, fit_points, resolve_batch_size
 from pbnn.infer.base import Backend, RunOptions, register
 from pbnn.posterior.posterior import Posterior
 from pbnn.posterior.predictive import has_batchnorm, predict_bn_refresh
@@ -108,13 +108,15 @@ class FGE(Backend, RunOptions):
             sgd_batch = resolve_batch_size(self.batch_size, n)
         per_epoch = 1 if sgd_batch is None else math.ceil(n / sgd_batch)
         cycle = self.cycle_length or 2 * max(1, (4 * per_epoch) // 2)
-        z, fixed, losses = potential.initial_z(), potential.fixed, []
-        if self.map_steps > 0:
+        z, fixed, losses = potential.initial_z()[None], {k: v[None] for k, v in potential.fixed.items()}, []
+        if self.map_steps > 0:  # the per-datum loss of the cycles, as in Garipov et al.'s code
             with distributed.rank_local():  # FGE is not distributed: every rank runs the whole fit
-                z, fixed, losses = fit_map(
+                z, fixed, losses = fit_points(
                     potential,
+                    z,
+                    fixed,
                     num_steps=self.map_steps,
-                    lr=self.lr,
+                    lr=decay(self.lr, self.map_steps),
                     batch_size=resolve_batch_size(self.batch_size, n),
                     accumulate=self.accumulate,
                     desc="FGE MAP",
@@ -128,8 +130,8 @@ class FGE(Backend, RunOptions):
 
         _, _, cyc_losses = fit_points(
             potential,
-            z[None],
-            {k: v[None] for k, v in fixed.items()},
+            z,
+            fixed,
             num_steps=self.num_cycles * cycle,
             lr=lambda k: fge_lr(k, cycle, self.lr_max, self.lr_min),
             optimizer="sgd",
@@ -145,7 +147,7 @@ class FGE(Backend, RunOptions):
         return self.posterior(
             potential,
             samples,
-            fixed=fixed,
+            fixed={k: v[0] for k, v in fixed.items()},
             predictor=predict_bn_refresh if has_batchnorm(potential.model.net) else None,
             info={"losses": losses + cyc_losses, "cycle_length": cycle},
         )

@@ -1,7 +1,7 @@
 """SWA, SWAG and MultiSWAG: Gaussians fitted to the iterates of SGD at a constant learning rate.
 
-After ``map_steps`` of MAP pre-training (:func:`pbnn.engine.optim.fit_map`, the fit of
-:class:`pbnn.infer.MAP`, on the same objective the SGD phase descends), SGD with
+After ``map_steps`` of MAP pre-training (Adam on the per-datum loss the SGD phase descends,
+each run clipped on its own: :func:`pbnn.engine.optim.fit_points`, as for ensembles), SGD with
 momentum runs at a constant learning rate on minibatches, and every ``collect_every``
 steps the current weights ``theta`` update (Maddox, Izmailov, Garipov, Vetrov and Wilson,
 NeurIPS 2019):
@@ -50,7 +50,7 @@ import torch
 from pbnn.core.options import nonneg_int, option, optional, positive, positive_int
 from pbnn.core.potential import Potential
 from pbnn.engine import distributed
-from pbnn.engine.optim import check_momentum, fit_map, fit_points, initial_points, resolve_batch_size, seeded
+from pbnn.engine.optim import check_momentum, decay, fit_points, initial_points, resolve_batch_size
 from pbnn.infer.base import Backend, OptimOptions, RunOptions, register
 from pbnn.posterior.approx import FlatApproximation, SwagMoments, SWAGNormal
 from pbnn.posterior.posterior import Posterior
@@ -74,9 +74,8 @@ class SWAG(Backend, RunOptions, OptimOptions):
     Args:
         rank: ``K``, the number of deviation columns (20 in the paper; 0 gives SWAG-diagonal).
         scale: covariance scale of the draws (0.5 in the paper; 1.0 for SWAG-diagonal).
-        map_steps: MAP pre-training steps (:func:`pbnn.engine.optim.fit_map`: Adam with
-            ``lr`` decaying 10x, as :class:`pbnn.infer.MAP`) before collection starts
-            (formerly ``start``).
+        map_steps: MAP pre-training steps (Adam with ``lr`` decaying 10x on the per-datum
+            loss) before collection starts (formerly ``start``).
         num_steps: total steps, pre-training included; ``num_steps - map_steps`` SGD steps.
         collect_every: SGD steps between collected iterates (default: one epoch).
         lr: MAP pre-training (Adam) learning rate.
@@ -134,13 +133,12 @@ class SWAG(Backend, RunOptions, OptimOptions):
         # Independent starting points for MultiSWAG; SWAG keeps the network's own init.
         seeds = [None] if num_runs == 1 else [int(torch.randint(0, 2**31 - 1, ()).item()) + m for m in range(num_runs)]
         z, fixed = initial_points(potential, seeds)
-        first = 0
         if num_runs > 1:  # distributed MultiSWAG: every rank draws all starts and runs its block of members
             mine = distributed.chain_slice(num_runs, every_rank=True)
-            z, fixed, seeds, first = z[mine], {k: v[mine] for k, v in fixed.items()}, seeds[mine], mine.start
+            z, fixed = z[mine], {k: v[mine] for k, v in fixed.items()}
         losses: list[float] = []
         if self.map_steps > 0:
-            z, fixed, losses = self._pretrain(potential, z, fixed, seeds, first, desc)
+            z, fixed, losses = self._pretrain(potential, z, fixed, desc)
         moments = SwagMoments(potential.dim, self.rank, len(z))
 
         def collect(t, zt):
@@ -171,34 +169,24 @@ class SWAG(Backend, RunOptions, OptimOptions):
         info = {"losses": losses + sgd_losses, "num_collected": moments.n, "collect_every": every}
         return moments, fixed, info
 
-    def _pretrain(self, potential: Potential, z, fixed, seeds, first: int, desc: str):
-        """The MAP fit of each run from its start (MultiSWAG: under the member's seed, so a
-        member's minibatches do not depend on how members are spread over ranks). Rank-local:
-        under ``torch.distributed`` ranks train different members (or all the whole fit)."""
-        runs = []
-        for m, seed in enumerate(seeds):
-            path = self.checkpoint_path
-            if path is not None and seed is not None:
-                path = f"{path}.member{first + m}"
-            with seeded(seed), distributed.rank_local():
-                runs.append(
-                    fit_map(
-                        potential,
-                        z[m],
-                        num_steps=self.map_steps,
-                        lr=self.lr,
-                        batch_size=self.resolved_batch_size(len(potential)),
-                        fixed={k: v[m] for k, v in fixed.items()},
-                        accumulate=self.accumulate,
-                        checkpoint_path=path,
-                        checkpoint_every=self.checkpoint_every,
-                        desc=f"{desc} MAP",
-                        progress=self.progress,
-                    )
-                )
-        z = torch.stack([r[0] for r in runs])
-        fixed = {k: torch.stack([r[1][k] for r in runs]) for k in fixed}
-        return z, fixed, [sum(v) / len(v) for v in zip(*(r[2] for r in runs))]
+    def _pretrain(self, potential: Potential, z, fixed, desc: str):
+        """The MAP pre-training of every run at once (:func:`pbnn.engine.optim.fit_points`: the
+        per-datum loss of the SGD phase, each run's gradient clipped on its own, as in Maddox et
+        al.'s code). Rank-local: under ``torch.distributed`` ranks train different members."""
+        with distributed.rank_local():
+            return fit_points(
+                potential,
+                z,
+                fixed,
+                num_steps=self.map_steps,
+                lr=decay(self.lr, self.map_steps),
+                batch_size=self.resolved_batch_size(len(potential)),
+                accumulate=self.accumulate,
+                checkpoint_path=self.checkpoint_path,
+                checkpoint_every=self.checkpoint_every,
+                desc=f"{desc} MAP",
+                progress=self.progress,
+            )
 
     def _posterior(self, potential: Potential, moments, fixed, info) -> Posterior:
         q = moments.distribution(self.scale)
