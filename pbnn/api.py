@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+
 from pbnn.core.data import validate
 from pbnn.core.potential import Potential
 from pbnn.engine.distributed import data_parallel
@@ -56,14 +58,6 @@ def fit(model, x, y, method: str | Backend = "svi", *, distributed: bool = False
         'map'
     """
     backend = make_backend(method, **options)
-    data = validate(model, x, y)
-    if not distributed:
-        return _fit(backend, model, data)
-    with data_parallel():
-        return _fit(backend, model, data)
-
-
-def _fit(backend: Backend, model, data) -> Posterior:
-    if type(backend).run is Backend.run:  # a backend that still implements fit(model, data) itself
-        return backend.fit(model, data)
-    return backend.fit(Potential(model, data))  # the one potential of this fit
+    potential = Potential(model, validate(model, x, y))  # the one model interface of this fit
+    with data_parallel() if distributed else contextlib.nullcontext():
+        return backend.fit(potential)
