@@ -16,11 +16,11 @@ import math
 import time
 from pathlib import Path
 
+import pbnn.plots
 import torch
+from pbnn.calibration import TemperatureScaling
 
 import pbnn
-import pbnn.plots
-from pbnn.calibration import TemperatureScaling
 
 
 def spirals(n: int, seed: int, noise: float = 0.25, flip: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ import math
 import statistics
 import time
 
+import pbnn.data
 import pyro
 import torch
 from pyro.distributions import constraints
@@ -29,7 +30,6 @@ from torch.distributions import biject_to
 from torch.nn import functional as F
 
 import pbnn
-import pbnn.data
 from pbnn.infer import SVI
 
 HIDDEN, BATCH, N, D_IN, NOISE = 100, 128, 4096, 8, 0.3

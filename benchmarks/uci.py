@@ -24,7 +24,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
-
 from pbnn.bench import _worker_init, regression_protocol, usable_cpus
 
 RESULTS = Path(__file__).resolve().parent / "results" / "uci" / "protocol.csv"

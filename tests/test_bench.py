@@ -2,8 +2,8 @@ import math
 
 import numpy as np
 import pytest
-
 from pbnn.bench import PIXEL_TASKS, _standardise, _standardise_pixels, regression_protocol, run_task
+
 from pbnn.apps.cli import main
 
 

@@ -5,13 +5,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from pbnn.calibration import TemperatureScaling, VarianceScaling, VectorScaling
 from pyro.distributions import Bernoulli, Categorical, Normal
 from scipy import optimize, stats
 from scipy.special import log_softmax, logsumexp
 
 import pbnn
 from pbnn import metrics
-from pbnn.calibration import TemperatureScaling, VarianceScaling, VectorScaling
 
 
 def synthetic(n, c=4, t_star=3.0, seed=0):

@@ -5,13 +5,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from pbnn.datasets import gap_regression
+from pbnn.potential import Potential
 
 import pbnn
-from pbnn.datasets import gap_regression
 from pbnn.infer.dropout import MCDropout, dropout_targets
 from pbnn.infer.fge import fge_lr
 from pbnn.infer.swag import SwagMoments, SWAGNormal
-from pbnn.potential import Potential
 
 # ----------------------------------------------------------------------------- SWAG pieces
 

@@ -1,11 +1,11 @@
 """Calibration plots draw what the metrics compute, and save PNGs."""
 
 import numpy as np
+import pbnn.plots
 import torch
 from pyro.distributions import Normal
 
 import pbnn
-import pbnn.plots
 
 
 def test_reliability_diagram_bars_are_bin_accuracies(tmp_path):

@@ -2,13 +2,13 @@
 
 import warnings
 
+import pbnn.data
+import pbnn.potential
 import pytest
 import torch
 from torch.distributions import Independent, Normal
 
 import pbnn
-import pbnn.data
-import pbnn.potential
 from pbnn.infer.reparam import negative_elbo, perturbed
 
 ESTIMATORS = ["reparam", "local_reparam", "flipout"]

@@ -16,10 +16,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import numpy as np
+import pbnn.plots
 import torch
 
 import pbnn
-import pbnn.plots
 
 QUICK = os.environ.get("PBNN_QUICK") == "1"
 OUT = Path(os.environ.get("PBNN_TUTORIAL_OUT", "tutorials/output"))

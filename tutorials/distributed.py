@@ -18,9 +18,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from pbnn.datasets import gap_regression
 
 import pbnn
-from pbnn.datasets import gap_regression
 
 QUICK = os.environ.get("PBNN_QUICK") == "1"
 OUT = Path(os.environ.get("PBNN_TUTORIAL_OUT", "tutorials/output"))

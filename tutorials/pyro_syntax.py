@@ -24,9 +24,9 @@ import matplotlib.pyplot as plt
 import pyro
 import pyro.distributions as dist
 import torch
+from pbnn.datasets import gap_regression
 
 import pbnn
-from pbnn.datasets import gap_regression
 
 QUICK = os.environ.get("PBNN_QUICK") == "1"
 OUT = Path(os.environ.get("PBNN_TUTORIAL_OUT", "tutorials/output"))

@@ -18,10 +18,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-
-import pbnn
 from pbnn.bench import QUICK_OPTIONS, _options_for
 from pbnn.datasets import gap_regression
+
+import pbnn
 
 QUICK = os.environ.get("PBNN_QUICK") == "1"
 OUT = Path(os.environ.get("PBNN_TUTORIAL_OUT", "tutorials/output"))
