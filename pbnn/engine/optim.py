@@ -55,6 +55,7 @@ __all__ = [
     "batch_indices",
     "BatchSchedule",
     "resolve_batch_size",
+    "sgd_batch_size",
     "decay",
     "optimise",
     "fit_map",
@@ -92,6 +93,13 @@ def resolve_batch_size(batch_size: int | None, n: int) -> int | None:
         return None if n <= FULL_BATCH_LIMIT else DEFAULT_BATCH_SIZE
     positive_int("batch_size", batch_size)
     return None if batch_size >= n else batch_size
+
+
+def sgd_batch_size(batch_size: int | None, n: int) -> int | None:
+    """SGD needs gradient noise to explore: by default ten minibatches per epoch (at most 256 points)."""
+    if batch_size is None:
+        return None if n < 10 else min(256, math.ceil(n / 10))
+    return resolve_batch_size(batch_size, n)
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator):

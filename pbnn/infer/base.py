@@ -154,6 +154,16 @@ class OptimOptions(Options):
         """The minibatch size for ``n`` data points; None means full batch."""
         return resolve_batch_size(self.batch_size, n)
 
+    def optim_args(self, n: int) -> dict:
+        """The engine's keywords these options set for ``n`` data points (and ``progress``)."""
+        return {
+            "batch_size": self.resolved_batch_size(n),
+            "accumulate": self.accumulate,
+            "checkpoint_path": self.checkpoint_path,
+            "checkpoint_every": self.checkpoint_every,
+            "progress": self.progress,
+        }
+
 
 @dataclass(frozen=True, kw_only=True)
 class ChainOptions(Options):

@@ -1,24 +1,11 @@
 """MC dropout and DropConnect (Gal and Ghahramani, ICML 2016; Wan et al. 2013).
 
-Training a net with dropout and an L2 penalty is variational inference with a
-Bernoulli-mask posterior: the penalty comes from the KL to the prior and is part of the
-objective. pbnn trains the MAP objective of the BNN with dropout on the input of every
-dropout target layer and the log prior of that layer's weight multiplied by ``p_keep``
-(for a ``N(0, 1/l^2)`` prior and ``N(f, 1/tau)`` likelihood this is the paper's weight
-decay ``lambda = p_keep l^2 / (2 N tau)`` on the per-datum squared error; biases and
-the first layer keep the full prior). A learned noise scale ``sigma`` is fitted jointly.
-
-Dropout targets: every ``nn.Linear`` except the net's first layer (for an MLP: dropout
-after each hidden activation), or, if the net has its own ``nn.Dropout`` layers, the
-``nn.Linear`` right after each of them in an ``nn.Sequential``. BatchNorm layers train
-normally and stay in eval mode at prediction.
-
-Draws are explicit weights: dropping hidden unit ``j`` in front of a linear layer equals
-zeroing column ``j`` of its weight, and scaling the kept units by ``1 / p_keep`` equals
-scaling the columns. Draw ``s`` is the trained weight with a Bernoulli mask on the
-columns (MC dropout) or on every element (DropConnect), so ``predict``, ArviZ and
-``save``/``load`` work as for any backend and predictions are reproducible; the masks
-come from a generator seeded with ``info["mask_seed"]``.
+pbnn trains the MAP objective of the BNN with dropout on the input of every dropout target
+layer and the log prior of that layer's weight multiplied by ``p_keep`` (the KL of dropout
+variational inference). Draws are explicit weights: the trained weight times a Bernoulli mask
+over ``p_keep`` on its input columns (MC dropout) or elements (DropConnect), drawn from a
+generator seeded with ``info["mask_seed"]``, so ``predict``, ArviZ and ``save``/``load`` work as
+for any backend. Targets, weight decay and BatchNorm: ``docs/imitation.md``.
 
 Example:
     >>> import torch, pbnn
@@ -131,11 +118,8 @@ class MCDropout(Backend, RunOptions, OptimOptions):
         num_samples: dropout masks (weight draws) stored in the Posterior.
         num_steps, lr, batch_size: training, as :class:`pbnn.infer.MAP` (Adam, learning
             rate decaying 10x; the gradient per data point clipped at norm 10).
-        accumulate: split each minibatch into this many micro-batches (same update, less
-            memory; each micro-batch draws its own dropout masks from the same RNG state).
-        checkpoint_path, checkpoint_every: checkpoint the training and resume from the file.
-        seed: seed for initialisation, training masks, minibatches and the stored masks.
-        progress: show a tqdm bar.
+        others: as in ``OptimOptions`` and ``RunOptions`` (with ``accumulate``, every
+            micro-batch draws its dropout masks from the same RNG state).
 
     Example:
         >>> import pbnn
@@ -173,12 +157,8 @@ class MCDropout(Backend, RunOptions, OptimOptions):
                 num_steps=self.num_steps,
                 lr=decay(self.lr, self.num_steps),
                 log_joint=log_joint,
-                batch_size=self.resolved_batch_size(len(potential)),
-                accumulate=self.accumulate,
-                checkpoint_path=self.checkpoint_path,
-                checkpoint_every=self.checkpoint_every,
                 desc=f"{type(self).__name__} (p={sorted(set(rates.values()))})",
-                progress=self.progress,
+                **self.optim_args(len(potential)),
             )
             mask_seed = int(torch.randint(0, 2**62, ()).item())
         values = potential.layout.constrain(z[0])

@@ -1,17 +1,11 @@
-"""Deep ensembles (Lakshminarayanan, Pritzel and Blundell, NeurIPS 2017).
+"""Deep ensembles (Lakshminarayanan, Pritzel and Blundell, NeurIPS 2017): ``num_members`` MAP
+fits from independent random initialisations, each one draw stored as its own chain
+(``docs/imitation.md``).
 
-``num_members`` MAP fits from independent random initialisations (optionally each on a
-bootstrap resample of the data); every member is one posterior draw, stored as its own
-chain (``samples[site]`` is ``[member, 1, *shape]``). With a learned Gaussian noise scale
-each member estimates its own ``sigma``, so the predictive is the mixture of the members'
-Gaussians, as in the paper.
-
-The members are trained by one optimiser over the stacked member vectors (``[M, D]``); Adam
-acts elementwise and gradients are clipped per member, so this is the same as training
-them one after another (sequentially, in this process). With ``pbnn.fit(..., distributed=True)``
-under ``torchrun`` the members are spread over the ranks and gathered (:mod:`pbnn.distributed`).
-Members train through :func:`pbnn.engine.optim.fit_points` (per-member objective and
-clipping), not ``fit_map``, whose batched mode targets the samplers' unconstrained density.
+The members are trained by one optimiser over the stacked member vectors (``[M, D]``) through
+:func:`pbnn.engine.optim.fit_points` (per-member objective and clipping, so the same as training
+them one after another), not ``fit_map``, whose batched mode targets the samplers' unconstrained
+density.
 
 Example:
     >>> import torch, pbnn
@@ -52,10 +46,7 @@ class DeepEnsemble(Backend, RunOptions, OptimOptions):
             clipped at norm 10).
         bootstrap: train each member on a bootstrap resample of the data (Breiman's
             bagging; the paper found it hurts, so off by default).
-        accumulate: split each minibatch into this many micro-batches (same update, less memory).
-        checkpoint_path, checkpoint_every: checkpoint the training and resume from the file.
-        seed: seed for initialisations, minibatches and bootstrap draws.
-        progress: show a tqdm bar.
+        others: as in ``OptimOptions`` and ``RunOptions``.
 
     Example:
         >>> import pbnn
@@ -84,12 +75,8 @@ class DeepEnsemble(Backend, RunOptions, OptimOptions):
             num_steps=self.num_steps,
             lr=decay(self.lr, self.num_steps),
             weights=None if weights is None else weights[mine],
-            batch_size=self.resolved_batch_size(n),
-            accumulate=self.accumulate,
-            checkpoint_path=self.checkpoint_path,
-            checkpoint_every=self.checkpoint_every,
             desc=f"ensemble ({num} members)",
-            progress=self.progress,
+            **self.optim_args(n),
         )
         losses = distributed.mean_over_chains(losses, len(z))
         z, fixed = distributed.gather_chains((z, fixed))

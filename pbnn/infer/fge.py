@@ -1,15 +1,9 @@
 """Fast geometric ensembling (Garipov, Izmailov, Podoprikhin, Vetrov and Wilson, NeurIPS 2018).
 
-From a pre-trained MAP (``map_steps`` of Adam on the per-datum loss the cycles descend,
-:func:`pbnn.engine.optim.fit_points`; formerly ``pretrain_steps``), SGD with momentum runs with a
-triangular cyclical learning rate; at the middle of each cycle, where the learning rate
-is lowest, the weights are saved. The snapshots are the posterior draws (one chain).
-
-Schedule (the paper's code, with the cycle measured in steps): at step ``k`` (0-based) let
-``t = (k mod c) / c``; ``lr = (1 - 2t) lr_max + 2t lr_min`` for ``t < 1/2`` and
-``lr = (2t - 1) lr_max + (2 - 2t) lr_min`` after. A snapshot is taken after the step that
-completes the first half of the cycle (``(k + 1) mod c == c / 2``), i.e. at ``t = 1/2``
-where ``lr = lr_min``.
+From a pre-trained MAP (``map_steps``, :func:`pbnn.engine.optim.fit_points`), SGD with momentum
+runs with a triangular cyclical learning rate (:func:`fge_lr`); the weights at the middle of each
+cycle, where the learning rate is lowest, are the posterior draws (one chain). Schedule and
+snapshot rule: ``docs/imitation.md``.
 
 Example:
     >>> import torch, pbnn
@@ -31,7 +25,7 @@ import torch
 from pbnn.core.options import nonneg_int, option, optional, positive, positive_int
 from pbnn.core.potential import Potential
 from pbnn.engine import distributed
-from pbnn.engine.optim import check_momentum, decay, fit_points, resolve_batch_size
+from pbnn.engine.optim import check_momentum, decay, fit_points, resolve_batch_size, sgd_batch_size
 from pbnn.infer.base import Backend, RunOptions, register
 from pbnn.posterior.posterior import Posterior
 from pbnn.posterior.predictive import has_batchnorm, predict_bn_refresh
@@ -69,9 +63,7 @@ class FGE(Backend, RunOptions):
         momentum: SGD momentum.
         batch_size: minibatch size; default: full batch for pre-training up to 2048 points,
             ten minibatches per epoch (at most 256 points) for the cyclical phase.
-        accumulate: split each minibatch into this many micro-batches (same update, less memory).
-        seed: seed for minibatches.
-        progress: show tqdm bars.
+        accumulate, seed, progress: as in ``OptimOptions`` and ``RunOptions``.
 
     Example:
         >>> import pbnn
@@ -102,10 +94,7 @@ class FGE(Backend, RunOptions):
 
     def run(self, potential: Potential) -> Posterior:
         n = len(potential)
-        if self.batch_size is None:
-            sgd_batch = None if n < 10 else min(256, math.ceil(n / 10))
-        else:
-            sgd_batch = resolve_batch_size(self.batch_size, n)
+        sgd_batch = sgd_batch_size(self.batch_size, n)
         per_epoch = 1 if sgd_batch is None else math.ceil(n / sgd_batch)
         cycle = self.cycle_length or 2 * max(1, (4 * per_epoch) // 2)
         z, fixed, losses = potential.initial_z()[None], {k: v[None] for k, v in potential.fixed.items()}, []

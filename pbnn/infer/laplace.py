@@ -88,7 +88,6 @@ class Laplace(Backend, RunOptions):
         refine: polish a full-batch MAP with L-BFGS so the gradient is ~0 there, as the Laplace
             expansion assumes.
         num_samples: weight draws stored in the Posterior (more can be made).
-        seed, progress: as in ``RunOptions`` (the progress bar is the MAP fit's).
 
     Example:
         >>> import pbnn

@@ -32,15 +32,8 @@ class MAP(Backend, RunOptions, OptimOptions):
     initialisation (the mode of the constrained density, as Pyro's ``AutoDelta`` defines
     MAP); a hand-written Pyro model by Pyro's SVI with an ``AutoDelta`` guide.
 
-    Args:
-        num_steps: Adam steps.
-        lr: learning rate (decays 10x over the run, as for :class:`pbnn.infer.SVI`).
-        batch_size: minibatch size; None: full batch up to 2048 points, else 256.
-        seed: seed for initialisation and minibatches (None: torch's global RNG).
-        accumulate: split each minibatch into this many micro-batches (same update, less memory).
-        checkpoint_path, checkpoint_every: write a checkpoint every that many steps and resume
-            from the file when it exists (BNN models).
-        progress: show a tqdm bar.
+    Options: as in ``OptimOptions`` and ``RunOptions`` (``lr`` decays 10x over the run;
+    checkpoints: BNN models only).
 
     Example:
         >>> import pbnn
@@ -49,18 +42,10 @@ class MAP(Backend, RunOptions, OptimOptions):
     """
 
     def run(self, potential: Potential) -> Posterior:
-        batch = self.resolved_batch_size(len(potential))
+        n = len(potential)
+        batch = self.resolved_batch_size(n)
         if potential.kind == "bnn":
-            z, fixed, losses = fit_map(
-                potential,
-                num_steps=self.num_steps,
-                lr=self.lr,
-                batch_size=batch,
-                accumulate=self.accumulate,
-                checkpoint_path=self.checkpoint_path,
-                checkpoint_every=self.checkpoint_every,
-                progress=self.progress,
-            )
+            z, fixed, losses = fit_map(potential, num_steps=self.num_steps, lr=self.lr, **self.optim_args(n))
             mode = potential.layout.constrain(z)
         else:
             potential.require(self.name, minibatch=batch is not None)

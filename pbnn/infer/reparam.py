@@ -1,24 +1,10 @@
 """Variance-reduced gradient estimators for mean-field Gaussian weights: local
-reparameterisation and flipout, scoped to one forward pass.
+reparameterisation (Kingma, Salimans & Welling 2015) and flipout (Wen et al. 2018), which sample
+the output of ``nn.Linear`` / ``nn.Conv1d/2d/3d`` layers per example (``docs/svi.md``).
 
-Mean-field SVI with plain reparameterisation draws ONE weight matrix per minibatch, so every
-example shares the same weight noise and the ELBO gradient is noisy. Given the mean ``mu``
-and standard deviation ``sigma`` of each weight tensor, two estimators sample the layer
-output per example instead:
-
-* **local reparameterisation** (Kingma, Salimans & Welling 2015): for ``y = x W^T + b`` with
-  independent Gaussian weights, each pre-activation is Gaussian with mean ``x mu_W^T + mu_b``
-  and variance ``x^2 (sigma_W^2)^T + sigma_b^2``; it is sampled directly, independently per
-  example (and per output position of a convolution);
-* **flipout** (Wen et al. 2018): one shared perturbation ``dW = sigma * eps`` made
-  pseudo-independent per example by random signs, ``W_n = mu + dW * (s_n r_n^T)``;
-  ``y_n = x_n mu^T + ((x_n * r_n) dW^T) * s_n`` costs two matrix products per layer.
-
-Both are implemented as forward hooks on the ``nn.Linear`` / ``nn.Conv1d/2d/3d`` modules
-of a network, registered by :func:`perturbed` for the duration of one call and removed
-afterwards: the network is evaluated with the weight MEANS (``torch.func.functional_call``)
-and each hook adds the per-example noise to its module's output. Layers of other types keep
-whole weight samples (plain reparameterisation).
+Both are forward hooks registered by :func:`perturbed` for one call and removed afterwards: the
+network is evaluated with the weight MEANS (``torch.func.functional_call``) and each hook adds
+the per-example noise to its module's output. Other layer types keep whole weight samples.
 
 Example:
     >>> import torch

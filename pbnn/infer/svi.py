@@ -59,9 +59,6 @@ class SVI(Backend, RunOptions, OptimOptions):
         guide: ``"mean_field"`` (diagonal Gaussian, ``AutoDiagonalNormal``), ``"low_rank"``
             (``AutoLowRankMultivariateNormal``) or ``"full_rank"`` (``AutoMultivariateNormal``).
             All are Gaussian in the unconstrained space of the latent sites.
-        num_steps: optimisation steps.
-        lr: Adam learning rate; it decays by 10x over the run (gradient norm clipped at 10).
-        batch_size: minibatch size. None: full batch up to 2048 points, else 256.
         num_particles: Monte Carlo samples per ELBO estimate.
         rank: rank of the low-rank guide (default: about sqrt(D), at most 20).
         init_scale: initial standard deviation of the guide. Small (3e-3) so the fit starts
@@ -71,17 +68,14 @@ class SVI(Backend, RunOptions, OptimOptions):
             1.24 / 1.21 with 3e-3, 1.16 / 1.19 with 1e-2; Friedman 0.9 / 1.6, 0.10 / 0.00,
             0.16 / 0.10; while 1e-2 underfits the 1-D gap demo (RMSE 0.43 against 0.32).
         num_samples: draws stored in the Posterior (more can be made from the fitted guide).
-        seed: seed for initialisation, minibatches and draws (None: torch's global RNG).
-        accumulate: split each minibatch into this many micro-batches (same update, less memory).
-        checkpoint_path, checkpoint_every: write a checkpoint every that many steps and resume
-            from the file when it exists (BNN models).
-        progress: show a tqdm bar with the current -ELBO per data point.
         estimator: gradient estimator of the ELBO's likelihood term. ``"reparam"`` (default):
             one weight sample per minibatch. ``"local_reparam"`` (local reparameterisation)
             or ``"flipout"``: per-example weight noise in ``nn.Linear`` / ``nn.Conv1d/2d/3d``
             layers, for lower-variance gradients; mean-field guide and ``pbnn.BNN`` only.
             The posterior and the predictions are drawn the same way for all three; see
             ``docs/svi.md``.
+        others: as in ``OptimOptions`` and ``RunOptions`` (Adam, ``lr`` decaying 10x, gradient
+            norm clipped at 10; checkpoints: BNN models only).
 
     A :class:`pbnn.BNN` is fitted on its functional potential (the same ELBO as Pyro's
     ``Trace_ELBO`` with this autoguide, several times faster per step) by
@@ -148,14 +142,10 @@ class SVI(Backend, RunOptions, OptimOptions):
                 num_steps=self.num_steps,
                 lr=decay(self.lr, self.num_steps),
                 n=len(potential),
-                batch_size=batch,
-                accumulate=self.accumulate,
-                checkpoint_path=self.checkpoint_path,
-                checkpoint_every=self.checkpoint_every,
                 scale=len(potential),
                 desc=desc,
-                progress=self.progress,
                 loss_name="-elbo/N",
+                **self.optim_args(len(potential)),
             )
             fixed = {k: v.detach() for k, v in fixed.items()}
         else:

@@ -1,34 +1,11 @@
-"""SWA, SWAG and MultiSWAG: Gaussians fitted to the iterates of SGD at a constant learning rate.
+"""SWA, SWAG and MultiSWAG (Maddox et al. 2019; Wilson and Izmailov 2020): Gaussians fitted to
+the iterates of SGD with momentum at a constant learning rate, after ``map_steps`` of MAP
+pre-training (:func:`pbnn.engine.optim.fit_points`, each run clipped on its own). The update
+rules, the draws and the BatchNorm refresh are in ``docs/imitation.md``; everything lives in the
+flat unconstrained ``z``, so a learned noise scale is part of every draw.
 
-After ``map_steps`` of MAP pre-training (Adam on the per-datum loss the SGD phase descends,
-each run clipped on its own: :func:`pbnn.engine.optim.fit_points`, as for ensembles), SGD with
-momentum runs at a constant learning rate on minibatches, and every ``collect_every``
-steps the current weights ``theta`` update (Maddox, Izmailov, Garipov, Vetrov and Wilson,
-NeurIPS 2019):
-
-* the running mean ``m`` and second moment ``s`` (``Sigma_diag = clamp(s - m^2, 1e-30)``),
-* the last ``K = rank`` deviation columns ``D = [theta_i - m_i]`` (``m`` already updated).
-
-A draw is ``theta = m + sqrt(scale) * (Sigma_diag^(1/2) z1 + D z2 / sqrt(K - 1))``, i.e. a
-Gaussian with covariance ``scale * (Sigma_diag + D D^T / (K - 1))``. Everything lives in
-the flat unconstrained space of :class:`pbnn.potential.Potential`, so a learned noise
-scale ``sigma`` is part of the weights (as ``log sigma``) and of every draw.
-
-* ``SWA`` ("swa"): the mean ``m`` only (one draw).
-* ``SWAG`` ("swag"): ``num_samples`` draws; the posterior keeps the Gaussian, so
-  ``predict(x, num_samples=...)`` can draw more.
-* ``MultiSWAG`` ("multiswag"): ``num_members`` independent SWAG runs (Wilson and
-  Izmailov 2020), one chain per member; with ``pbnn.fit(..., distributed=True)`` under
-  ``torchrun`` the members are spread over the ranks and gathered (:mod:`pbnn.distributed`).
-
-``map_steps`` was called ``start``: it is a MAP pre-training of the same objective (the
-SWAG paper's burn-in trains the same loss before the constant-rate phase), so it has the
-name of every MAP pre-training. SWA's mean is SWAG's running mean (``SwagMoments``), not
-``torch.optim.swa_utils.AveragedModel``: the moments are collected anyway, and SWA must
-equal SWAG's mean for the same seed.
-
-With BatchNorm in the net, each draw's BatchNorm statistics are recomputed on the
-training inputs at prediction time (:func:`pbnn.posterior.predictive.predict_bn_refresh`).
+SWA's mean is SWAG's running mean (``SwagMoments``), not ``torch.optim.swa_utils.AveragedModel``:
+the moments are collected anyway, and SWA must equal SWAG's mean for the same seed.
 
 Example:
     >>> import torch, pbnn
@@ -50,20 +27,14 @@ import torch
 from pbnn.core.options import nonneg_int, option, optional, positive, positive_int
 from pbnn.core.potential import Potential
 from pbnn.engine import distributed
-from pbnn.engine.optim import check_momentum, decay, fit_points, initial_points, resolve_batch_size
+from pbnn.engine.optim import check_momentum, decay, fit_points, initial_points
+from pbnn.engine.optim import sgd_batch_size as swag_batch_size
 from pbnn.infer.base import Backend, OptimOptions, RunOptions, register
 from pbnn.posterior.approx import FlatApproximation, SwagMoments, SWAGNormal
 from pbnn.posterior.posterior import Posterior
 from pbnn.posterior.predictive import has_batchnorm, predict_bn_refresh, predict_params
 
 __all__ = ["SWA", "SWAG", "MultiSWAG", "SwagMoments", "SWAGNormal", "swag_batch_size"]
-
-
-def swag_batch_size(batch_size: int | None, n: int) -> int | None:
-    """SGD needs gradient noise to explore: by default ten minibatches per epoch (at most 256 points)."""
-    if batch_size is None:
-        return None if n < 10 else min(256, math.ceil(n / 10))
-    return resolve_batch_size(batch_size, n)
 
 
 @register("swag")
@@ -86,11 +57,7 @@ class SWAG(Backend, RunOptions, OptimOptions):
             and ten minibatches per epoch (at most 256 points) for the SGD phase, whose
             gradient noise is what SWAG measures.
         num_samples: draws stored in the Posterior (30 in the paper).
-        accumulate: split each minibatch into this many micro-batches (same update, less memory).
-        checkpoint_path, checkpoint_every: checkpoint the MAP pre-training and resume from the
-            file (MultiSWAG: one file per member, ``<path>.member<m>``).
-        seed: seed for initialisation, minibatches and draws.
-        progress: show tqdm bars.
+        others: as in ``OptimOptions`` and ``RunOptions``; checkpoints cover the MAP pre-training.
 
     Example:
         >>> import pbnn
@@ -180,12 +147,8 @@ class SWAG(Backend, RunOptions, OptimOptions):
                 fixed,
                 num_steps=self.map_steps,
                 lr=decay(self.lr, self.map_steps),
-                batch_size=self.resolved_batch_size(len(potential)),
-                accumulate=self.accumulate,
-                checkpoint_path=self.checkpoint_path,
-                checkpoint_every=self.checkpoint_every,
                 desc=f"{desc} MAP",
-                progress=self.progress,
+                **self.optim_args(len(potential)),
             )
 
     def _posterior(self, potential: Potential, moments, fixed, info) -> Posterior:
