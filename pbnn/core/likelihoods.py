@@ -108,19 +108,19 @@ class Gaussian(Likelihood):
     def noise_sites(self, out_dim):
         return {"sigma": dist.HalfNormal(self.scale_prior)} if self.learned else {}
 
-    def conditional(self, f, noise):
-        dim = f.shape[-1]
+    def _loc_sigma(self, f, noise):
+        loc = _squeeze_single(f, f.shape[-1])
         sigma = noise["sigma"] if self.learned else self.scale
-        loc = _squeeze_single(f, dim)
         # sigma has the draw dims of f (if any) but not the data dims: align it.
-        sigma = sigma.reshape(sigma.shape + (1,) * (loc.dim() - sigma.dim()))
-        return _normal(loc, sigma.expand_as(loc), dim)
+        return loc, sigma.reshape(sigma.shape + (1,) * (loc.dim() - sigma.dim()))
+
+    def conditional(self, f, noise):
+        loc, sigma = self._loc_sigma(f, noise)
+        return _normal(loc, sigma.expand_as(loc), f.shape[-1])
 
     def log_prob(self, f, noise, y):
         dim = f.shape[-1]
-        sigma = noise["sigma"] if self.learned else self.scale
-        loc = _squeeze_single(f, dim)
-        sigma = sigma.reshape(sigma.shape + (1,) * (loc.dim() - sigma.dim()))
+        loc, sigma = self._loc_sigma(f, noise)
         u = (y - loc) / sigma
         lp = -0.5 * u * u - torch.log(sigma) - _HALF_LOG_2PI
         return lp if dim == 1 else lp.sum(-1)

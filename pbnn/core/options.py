@@ -38,8 +38,6 @@ __all__ = [
     "boolean",
     "random_seed",
     "check_positive_int",
-    "check_nonneg_int",
-    "check_positive",
 ]
 
 Check = Callable[[str, Any], Any]
@@ -145,7 +143,5 @@ def optional(check: Check) -> Check:
     return lambda name, value: None if value is None else check(name, value)
 
 
-# The names the backends and engines called before the options were declarative.
+# The name pbnn.apps.bench calls (from before the options were declarative).
 check_positive_int = positive_int
-check_nonneg_int = nonneg_int
-check_positive = positive

@@ -1,25 +1,14 @@
 """The optimisation engine: one loop under every optimiser-driven fit.
 
 MAP, SVI, Laplace's MAP, every MAP warm start, deep ensembles, SWA / SWAG / MultiSWAG, FGE
-and MC dropout all train through :func:`optimise`, which owns:
-
-* the optimiser: Adam, or SGD with momentum, over one point or ``M`` points at once
-  (tensors with a leading ``[M]`` dim; the optimisers act elementwise and ``points=M``
-  clips each point's gradient on its own, so this equals ``M`` separate runs);
-* the learning rate: a number or a schedule ``step -> lr`` (:func:`decay`: 10x over the run);
-* minibatches as a pure function of the step (:class:`BatchSchedule`), so a resumed run
-  draws the same batches;
-* ``accumulate=k``: each minibatch is split into ``k`` micro-batches whose gradients,
-  weighted by their share of the batch, add up to the gradient of the whole batch (the
-  torch RNG is rewound before each, so a random draw in the loss is shared): the same
-  update as without accumulation, with ``1/k`` of the activation memory;
-* data-parallel gradients inside :func:`pbnn.engine.distributed.data_parallel`: each rank
-  takes its share of a global batch of ``batch_size * world_size`` rows, and the weighted
-  gradients are summed over ranks (the update one process makes on the union);
-* checkpoints: every ``checkpoint_every`` steps rank 0 writes parameters, optimiser state,
-  RNG state, batch seed and losses atomically (write, then rename); a run started with an
-  existing checkpoint resumes from it and ends in the same state as an uninterrupted run;
-* the progress bar, and an error with advice when the loss becomes NaN or inf.
+and MC dropout all train through :func:`optimise`, which owns the optimiser (Adam, or SGD
+with momentum, over one point or ``M`` points at once: ``points=M`` clips each point's
+gradient on its own, so this equals ``M`` separate runs), the learning-rate schedule,
+minibatches as a pure function of the step (:class:`BatchSchedule`, so a resumed run draws the
+same batches), ``accumulate``, data-parallel gradients, atomic checkpoints (write, then
+rename) and resume (``docs/distributed.md``), the progress bar, and an error with advice when
+the loss becomes NaN or inf. With ``accumulate`` the torch RNG is rewound before each
+micro-batch, so a random draw in the loss is shared.
 
 :func:`fit_map` (the one MAP fit) and :func:`fit_points` (``M`` independent points on a
 per-point log joint) sit on top; :func:`run_svi` adapts Pyro's SVI (hand-written models) to

@@ -40,8 +40,6 @@ import torch
 from pbnn.core.data import Data, validate
 from pbnn.core.options import (
     Options,
-    check_nonneg_int,
-    check_positive,
     check_positive_int,
     nonneg,
     nonneg_int,
@@ -67,9 +65,7 @@ __all__ = [
     "OptimOptions",
     "ChainOptions",
     "accepts_subsample",
-    "check_positive",
     "check_positive_int",
-    "check_nonneg_int",
 ]
 
 BACKENDS: dict[str, type[Backend]] = {}

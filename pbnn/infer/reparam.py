@@ -179,15 +179,10 @@ def negative_elbo(potential, posterior, fixed: dict[str, torch.Tensor], estimato
 
         -ELBO = -[ log p(theta(z)) + log|J(z)| - log q(z) ] - (N / B) sum_i log p(y_i | x_i, W_i)
 
-    the first bracket exactly as in plain reparameterisation (prior, noise and hierarchical
-    sites all come from ``z``), and the likelihood with per-example weights ``W_i`` for the
-    Linear / Conv layers (their pre-activations drawn by local reparameterisation, or flipout
-    built from the weight noise in ``z``); other layers use the weights in ``z``. Each term
-    is an unbiased estimate of its expectation under ``q``, so the sum is an unbiased estimate
-    of the ELBO (exactly so for flipout; see :func:`perturbed` for local reparameterisation
-    on layers that see an example at several positions).
-
-    Warns once, naming them, if Bayesian parameters live in other layer types.
+    the first bracket as in plain reparameterisation, the likelihood with per-example weights
+    ``W_i`` in the Linear / Conv layers (other layers use the weights in ``z``); see
+    ``docs/svi.md`` for when the sum is unbiased. Warns, naming them, if Bayesian parameters
+    live in other layer types.
 
     Example:
         >>> import torch, pbnn
