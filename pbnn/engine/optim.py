@@ -326,10 +326,8 @@ def fit_map(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[float]]:
     """The one MAP fit: Adam on ``-log joint`` of a :class:`pbnn.potential.Potential`.
 
-    Used by the MAP backend and by every MAP pre-training and warm start (Laplace, NUTS /
-    HMC / MH, SG-MCMC, SWAG, FGE). Adam with ``lr`` decaying 10x over the run
-    (:func:`decay`), the gradient norm of the summed log joint clipped at 10, data-parallel
-    inside :func:`pbnn.engine.distributed.data_parallel`.
+    Adam with ``lr`` decaying 10x over the run (:func:`decay`), the gradient norm of the
+    summed log joint clipped at 10, data-parallel inside ``distributed.data_parallel``.
 
     Args:
         potential: the model's potential.

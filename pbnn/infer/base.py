@@ -1,10 +1,7 @@
 """What every backend shares: the ``Backend`` interface, shared option groups and the registry.
 
-A backend is a frozen dataclass of its options plus ``run(potential) -> Posterior``;
-``Backend.fit`` checks the model kind, seeds torch's RNG (broadcast under ``torch.distributed``)
-without disturbing the caller's, runs in a private Pyro parameter scope and records the wall
-time. ``renamed`` keeps former option names working with a ``DeprecationWarning``. See
-``docs/writing_a_backend.md``.
+A backend is a frozen dataclass of its options plus ``run(potential) -> Posterior``
+(``docs/writing_a_backend.md``).
 
 Example:
     >>> import torch, pbnn
@@ -86,8 +83,9 @@ class Backend:
     renamed: ClassVar[dict[str, str]] = {}
 
     def fit(self, model, data: Data | tuple | None = None) -> Posterior:
-        """Fit ``model`` (a :class:`pbnn.potential.Potential`, or a model plus ``data``) and return
-        its Posterior; see the module docstring for what happens around :meth:`run`."""
+        """Fit ``model`` (a :class:`pbnn.potential.Potential`, or a model plus ``data``): check its
+        kind, seed torch's RNG (broadcast under ``torch.distributed``) without disturbing the
+        caller's, :meth:`run` in a private Pyro parameter scope, record the wall time."""
         if isinstance(model, Potential):
             potential = model
         else:
