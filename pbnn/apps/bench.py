@@ -256,14 +256,7 @@ def run_task(task: str, method: str, seed: int = 0, **options) -> dict:
 
 
 # Columns of a per-run row, for either kind of task (a regression row leaves accuracy empty).
-ROW_COLUMNS = [
-    "task",
-    "method",
-    "seed",
-    *dict.fromkeys(k for ks in TABLE_KEYS.values() for k in ks),
-    "fit_s",
-    "predict_s",
-]
+ROW_COLUMNS = ["task", "method", "seed", *dict.fromkeys(sum(TABLE_KEYS.values(), ())), "fit_s", "predict_s"]
 
 
 def _worker_init() -> None:

@@ -27,22 +27,6 @@ from pbnn.engine.optim import batch_indices, fit_map, resolve_batch_size
 from pbnn.kernels import hmc, mh, sgmcmc
 from pbnn.kernels.hmc import Target
 
-__all__ = [
-    "ChainResult",
-    "run_chains",
-    "sample_hmc",
-    "sample_mh",
-    "sample_sgmcmc",
-    "init_chains",
-    "chain_start",
-    "warm_start",
-    "sg_gradient",
-    "should_compile",
-    "chain_generator",
-    "check_chain_options",
-    "COMPILE_MIN_ITERATIONS",
-]
-
 # compile="auto" compiles NUTS / HMC runs of at least this many iterations.
 COMPILE_MIN_ITERATIONS = 500
 
