@@ -49,9 +49,8 @@ class Target:
         """Value and gradient (extra ``args`` go to the log density, e.g. a minibatch index),
         made finite unless ``sanitise=False`` (see the class docstring)."""
         if torch.compiler.is_compiling():  # torch.func traces into the compiled graph
-            g, (_, lp) = torch.func.grad_and_value(lambda zz: _sum_with_aux(self.log_density(zz, *args)), has_aux=True)(
-                z
-            )
+            vg = torch.func.grad_and_value(lambda zz: _sum_with_aux(self.log_density(zz, *args)), has_aux=True)
+            g, (_, lp) = vg(z)
         else:  # eager: plain autograd has less per-call overhead
             with torch.enable_grad():
                 zz = z.detach().requires_grad_(True)
