@@ -75,21 +75,17 @@ def _mlp(inp: int, out: int, hidden: int = 50, act=torch.nn.ReLU, seed: int = 0)
     return torch.nn.Sequential(torch.nn.Linear(inp, hidden), act(), torch.nn.Linear(hidden, out))
 
 
-def _standardise(train: np.ndarray, *others: np.ndarray):
-    mu, sd = train.mean(0), train.std(0)
-    sd = np.where(sd > 0, sd, 1.0)  # constant columns stay constant instead of NaN
-    return [(a - mu) / sd for a in (train, *others)], mu, sd
-
-
-def _standardise_pixels(train: np.ndarray, *others: np.ndarray):
-    """One mean and standard deviation over all pixels (as torchvision's ``Normalize`` for MNIST).
+def _standardise(train: np.ndarray, *others: np.ndarray, axis: int | None = 0):
+    """Standardise with the training statistics per column, or (``axis=None``) with one mean and
+    standard deviation over all pixels (as torchvision's ``Normalize`` for MNIST).
 
     Per-pixel standardisation would divide nearly constant border pixels by a tiny standard
     deviation: a pixel that is 0 in all but a few training images becomes a rare input of
     size 30-90 on test images, where the prior (not the data) sets its weights, so every
     method that samples weights predicts noise there.
     """
-    mu, sd = float(train.mean()), float(train.std()) or 1.0
+    mu, sd = train.mean(axis), train.std(axis)
+    sd = np.where(sd > 0, sd, 1.0)  # constant columns stay constant instead of NaN
     return [(a - mu) / sd for a in (train, *others)], mu, sd
 
 
@@ -234,7 +230,7 @@ def run_task(task: str, method: str, seed: int = 0, **options) -> dict:
     loader, kind, act = TASKS[task]
     Xtr, ytr, Xte, yte = loader(seed)
     Xtr, Xte = np.asarray(Xtr, np.float64).reshape(len(ytr), -1), np.asarray(Xte, np.float64).reshape(len(yte), -1)
-    (Xtr, Xte), _, _ = (_standardise_pixels if task in PIXEL_TASKS else _standardise)(Xtr, Xte)
+    (Xtr, Xte), _, _ = _standardise(Xtr, Xte, axis=None if task in PIXEL_TASKS else 0)
     f32 = lambda a: torch.tensor(a, dtype=torch.float32)
     if kind == "regression":
         (ytr, yte), _, _ = _standardise(np.asarray(ytr, np.float64), np.asarray(yte, np.float64))
@@ -256,14 +252,7 @@ def run_task(task: str, method: str, seed: int = 0, **options) -> dict:
 
 
 # Columns of a per-run row, for either kind of task (a regression row leaves accuracy empty).
-ROW_COLUMNS = [
-    "task",
-    "method",
-    "seed",
-    *dict.fromkeys(k for ks in TABLE_KEYS.values() for k in ks),
-    "fit_s",
-    "predict_s",
-]
+ROW_COLUMNS = ["task", "method", "seed", *dict.fromkeys(sum(TABLE_KEYS.values(), ())), "fit_s", "predict_s"]
 
 
 def _worker_init() -> None:

@@ -73,39 +73,28 @@ def _default_tasks() -> list[str]:
 
 
 def _bench(args) -> int:
-    from pbnn.apps.bench import (
-        DEFAULT_METHODS,
-        QUICK_OPTIONS,
-        TASKS,
-        _options_for,
-        format_table,
-        run_jobs,
-        summarise,
-        usable_cpus,
-        write_tables,
-    )
+    from pbnn.apps import bench
 
     if args.task:
         tasks = args.task.split(",")
-        unknown = [t for t in tasks if t not in TASKS]
+        unknown = [t for t in tasks if t not in bench.TASKS]
         if unknown:
-            raise SystemExit(f"pbnn bench: unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(TASKS)}")
+            raise SystemExit(f"pbnn bench: unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(bench.TASKS)}")
     else:
         tasks = ["gap", "moons"] if args.quick else _default_tasks()
     if args.seeds < 1 or (args.jobs is not None and args.jobs < 1):
         raise SystemExit(f"pbnn bench: --seeds and --jobs must be >= 1, got {args.seeds} and {args.jobs}")
-    methods = args.methods.split(",") if args.methods else (["map", "svi"] if args.quick else list(DEFAULT_METHODS))
+    default_methods = ["map", "svi"] if args.quick else list(bench.DEFAULT_METHODS)
+    methods = args.methods.split(",") if args.methods else default_methods
     seeds = 1 if args.quick else args.seeds
-    options = {
-        m: (_options_for(m, QUICK_OPTIONS) if args.quick else _options_for(m, {"progress": False})) for m in methods
-    }
+    options = {m: bench._options_for(m, bench.QUICK_OPTIONS if args.quick else {"progress": False}) for m in methods}
     jobs = [(t, m, s) for t in tasks for m in methods for s in range(seeds)]  # task-major: rows group by task
-    workers = min(args.jobs or usable_cpus(), len(jobs))
+    workers = min(args.jobs or bench.usable_cpus(), len(jobs))
     out = Path(args.out)
-    rows = run_jobs(jobs, options, workers=workers, rows_path=out / "runs.csv")
-    summary = summarise(rows)
-    print(format_table(summary))
-    csv_path, md_path = write_tables(summary, out, "results")
+    rows = bench.run_jobs(jobs, options, workers=workers, rows_path=out / "runs.csv")
+    summary = bench.summarise(rows)
+    print(bench.format_table(summary))
+    csv_path, md_path = bench.write_tables(summary, out, "results")
     print(f"\nwrote {csv_path}, {md_path} and {out / 'runs.csv'}")
     return 0
 

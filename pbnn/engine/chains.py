@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,22 +27,6 @@ from pbnn.engine import distributed
 from pbnn.engine.optim import batch_indices, fit_map, resolve_batch_size
 from pbnn.kernels import hmc, mh, sgmcmc
 from pbnn.kernels.hmc import Target
-
-__all__ = [
-    "ChainResult",
-    "run_chains",
-    "sample_hmc",
-    "sample_mh",
-    "sample_sgmcmc",
-    "init_chains",
-    "chain_start",
-    "warm_start",
-    "sg_gradient",
-    "should_compile",
-    "chain_generator",
-    "check_chain_options",
-    "COMPILE_MIN_ITERATIONS",
-]
 
 # compile="auto" compiles NUTS / HMC runs of at least this many iterations.
 COMPILE_MIN_ITERATIONS = 500
@@ -65,6 +50,7 @@ def run_chains(
     warmup: int,
     thinning: int = 1,
     adapt: Callable | None = None,
+    warm=None,
     position: Callable = lambda s: s.z,
     averaged: tuple[str, ...] = (),
     postfix: Callable | None = None,
@@ -74,7 +60,8 @@ def run_chains(
 ):
     """Run ``warmup + num_samples * thinning`` iterations of ``step(state) -> (state, info)``.
 
-    Warm-up calls ``adapt(state, info, it)``; then every ``thinning``-th ``position(state) [C, D]``
+    Warm-up calls ``adapt(state, warm, info, it) -> (state, warm)`` (``warm``: the adaptation
+    state); then every ``thinning``-th ``position(state) [C, D]``
     is kept with its ``info`` (keys in ``averaged``: the mean over the ``thinning`` iterations).
     ``postfix(state, it, divergences)`` feeds the progress bar. Returns ``(draws [C, S, D],
     stats {name: [C, S]}, final state)``.
@@ -87,7 +74,7 @@ def run_chains(
         state, info = step(state)
         if it < warmup:
             if adapt is not None:
-                state = adapt(state, info, it)
+                state, warm = adapt(state, warm, info, it)
         else:
             k = it - warmup
             for key in averaged:
@@ -128,27 +115,15 @@ def sample_hmc(
     """Warm up and sample chains ``z0 [C, D]`` of ``kernel`` (``"nuts"`` or ``"hmc"``); see
     :func:`pbnn.kernels.hmc.adapt` for the warm-up. Final values: ``step_size``, ``inv_mass``."""
     state = hmc.init(fn, z0, generator, step_size)
-    warm = hmc.warmup_init(state, warmup, adapt_mass_matrix)
 
     def step(s):
         return hmc.step(
             s, fn, generator, kernel=kernel, max_tree_depth=max_tree_depth, num_leapfrog_steps=num_leapfrog_steps
         )
 
-    def adapt(s, info, it):
-        nonlocal warm
-        s, warm = hmc.adapt(
-            s,
-            warm,
-            info,
-            it,
-            warmup=warmup,
-            fn=fn,
-            gen=generator,
-            target_accept=target_accept,
-            adapt_step_size=adapt_step_size,
-        )
-        return s
+    adapt = functools.partial(
+        hmc.adapt, warmup=warmup, fn=fn, gen=generator, target_accept=target_accept, adapt_step_size=adapt_step_size
+    )
 
     def postfix(s, it, div):
         phase = "warmup" if it < warmup else "sample"
@@ -161,6 +136,7 @@ def sample_hmc(
         warmup=warmup,
         thinning=thinning,
         adapt=adapt,
+        warm=hmc.warmup_init(state, warmup, adapt_mass_matrix),
         postfix=postfix,
         progress=progress,
         desc=desc,
@@ -193,21 +169,14 @@ def sample_mh(
         >>> out.draws.shape, out.stats["acceptance_rate"].shape
         (torch.Size([2, 100, 3]), torch.Size([2, 100]))
     """
-    state = mh.init(log_density, z0, proposal_scale)
-    warm = mh.warmup_init(warmup)
-
-    def adapt(s, info, it):
-        nonlocal warm
-        s, warm = mh.adapt(s, warm, info, it, target_accept)
-        return s
-
     draws, stats, state = run_chains(
         lambda s: mh.step(s, log_density, generator),
-        state,
+        mh.init(log_density, z0, proposal_scale),
         num_samples=num_samples,
         warmup=warmup,
         thinning=thinning,
-        adapt=adapt,
+        adapt=functools.partial(mh.adapt, target_accept=target_accept),
+        warm=mh.warmup_init(warmup),
         averaged=("acceptance_rate",),
         every=50,
         progress=progress,

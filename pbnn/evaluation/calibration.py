@@ -96,12 +96,25 @@ def _probs_like(raw, logits: torch.Tensor) -> torch.Tensor:
 
 
 class _Calibrator:
+    fields: tuple[str, ...] = ()  # the fitted parameters, None before fit
+
+    def __init__(self) -> None:
+        for name in self.fields:
+            setattr(self, name, None)
+
+    @property
+    def fitted(self) -> bool:
+        return getattr(self, self.fields[0]) is not None
+
     def _check_fitted(self) -> None:
         if not self.fitted:
             raise ValueError(f"{type(self).__name__} is not fitted; call .fit(validation_prediction, labels) first")
 
     def __call__(self, pred: Prediction) -> Prediction:
         return self.apply(pred)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)}' for k in self.fields)})"
 
 
 class TemperatureScaling(_Calibrator):
@@ -123,12 +136,7 @@ class TemperatureScaling(_Calibrator):
         0.75
     """
 
-    def __init__(self) -> None:
-        self.temperature: float | None = None
-
-    @property
-    def fitted(self) -> bool:
-        return self.temperature is not None
+    fields = ("temperature",)
 
     def fit(self, pred, y, max_iter: int = 100) -> TemperatureScaling:
         """Fit ``T`` on validation predictions (Prediction or logits ``[N, C]`` / ``[S, N, C]``) and labels."""
@@ -146,9 +154,6 @@ class TemperatureScaling(_Calibrator):
         if not isinstance(pred, Prediction):
             return _probs_like(pred, logits / self.temperature)
         return _classification_prediction(pred, logits / self.temperature, binary)
-
-    def __repr__(self) -> str:
-        return f"TemperatureScaling(temperature={self.temperature})"
 
 
 class VectorScaling(_Calibrator):
@@ -171,13 +176,7 @@ class VectorScaling(_Calibrator):
         tensor([0.2500, 0.7500])
     """
 
-    def __init__(self) -> None:
-        self.weight: torch.Tensor | None = None
-        self.bias: torch.Tensor | None = None
-
-    @property
-    def fitted(self) -> bool:
-        return self.weight is not None
+    fields = ("weight", "bias")
 
     def fit(self, pred, y, max_iter: int = 200) -> VectorScaling:
         """Fit ``w, b`` on validation predictions (Prediction or logits) and labels."""
@@ -200,9 +199,6 @@ class VectorScaling(_Calibrator):
         if not isinstance(pred, Prediction):
             return _probs_like(pred, new)
         return _classification_prediction(pred, new, binary)
-
-    def __repr__(self) -> str:
-        return f"VectorScaling(weight={self.weight}, bias={self.bias})"
 
 
 _LOC_SCALE = (dist.Normal, dist.StudentT, dist.Laplace, dist.Cauchy)
@@ -231,12 +227,7 @@ class VarianceScaling(_Calibrator):
         (2.0, 1.0)
     """
 
-    def __init__(self) -> None:
-        self.scale: float | None = None
-
-    @property
-    def fitted(self) -> bool:
-        return self.scale is not None
+    fields = ("scale",)
 
     @staticmethod
     def _parts(pred: Prediction) -> tuple[dist.Distribution, int, torch.Tensor]:
@@ -276,6 +267,3 @@ class VarianceScaling(_Calibrator):
         params["scale"] = self.scale * d.scale
         new = type(d)(**params)
         return Prediction(pred.samples, new.to_event(ndims) if ndims else new)
-
-    def __repr__(self) -> str:
-        return f"VarianceScaling(scale={self.scale})"

@@ -29,12 +29,7 @@ def _finish(fig: Figure, path: str | Path | None) -> Figure:
 
 
 def reliability_diagram(
-    pred,
-    y,
-    num_bins: int = 15,
-    adaptive: bool = False,
-    title: str | None = None,
-    path: str | Path | None = None,
+    pred, y, num_bins: int = 15, adaptive: bool = False, title: str | None = None, path: str | Path | None = None
 ) -> Figure:
     """Reliability diagram: accuracy against top-label confidence per bin, with the ECE.
 
@@ -86,11 +81,7 @@ def reliability_diagram(
 
 
 def calibration_curve(
-    pred,
-    y,
-    num_levels: int = 19,
-    title: str | None = None,
-    path: str | Path | None = None,
+    pred, y, num_levels: int = 19, title: str | None = None, path: str | Path | None = None
 ) -> Figure:
     """Regression calibration curve: observed vs expected frequency of ``PIT <= p``, and a PIT histogram.
 

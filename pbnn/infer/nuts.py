@@ -30,6 +30,7 @@ class _Hamiltonian(Backend, RunOptions, ChainOptions):
     """What NUTS and HMC share: options, starts, the sampler run over chains, diagnostics."""
 
     kernel = ""
+    sampler_options = ()  # the options passed on to pbnn.engine.chains.sample_hmc
     target_accept: float = option(0.8, probability)
     batch_size: None = None
     compile: bool | str = option("auto", one_of(True, False, "auto"))
@@ -37,9 +38,6 @@ class _Hamiltonian(Backend, RunOptions, ChainOptions):
     def validate(self) -> None:
         super().validate()
         chains.check_chain_options(self)
-
-    def _sampler_options(self) -> dict:
-        raise NotImplementedError
 
     def run(self, potential):
         gen = chains.chain_generator()
@@ -62,7 +60,7 @@ class _Hamiltonian(Backend, RunOptions, ChainOptions):
                     generator=gen,
                     progress=self.progress,
                     desc=f"{self.name.upper()} ({len(z0)} chains)",
-                    **self._sampler_options(),
+                    **{k: getattr(self, k) for k in self.sampler_options},
                 )
 
             result = distributed.run_batched_chains(run, z0, gen)
@@ -98,10 +96,8 @@ class NUTS(_Hamiltonian):
     """
 
     kernel = "nuts"
+    sampler_options = ("max_tree_depth",)
     max_tree_depth: int = option(8, positive_int)
-
-    def _sampler_options(self) -> dict:
-        return {"max_tree_depth": self.max_tree_depth}
 
 
 @register("hmc")
@@ -126,6 +122,7 @@ class HMC(_Hamiltonian):
     """
 
     kernel = "hmc"
+    sampler_options = ("num_leapfrog_steps", "step_size", "adapt_step_size", "adapt_mass_matrix")
     renamed = {"num_steps": "num_leapfrog_steps"}
     step_size: float | None = option(None, optional(positive))
     num_leapfrog_steps: int = option(50, positive_int)
@@ -136,11 +133,3 @@ class HMC(_Hamiltonian):
         super().validate()
         if self.step_size is None and not self.adapt_step_size:
             raise ValueError("adapt_step_size=False needs a step_size=")
-
-    def _sampler_options(self) -> dict:
-        return {
-            "num_leapfrog_steps": self.num_leapfrog_steps,
-            "step_size": self.step_size,
-            "adapt_step_size": self.adapt_step_size,
-            "adapt_mass_matrix": self.adapt_mass_matrix,
-        }

@@ -27,22 +27,6 @@ from pbnn.engine.optim import resolve_batch_size
 from pbnn.infer.base import Backend, ChainOptions, RunOptions, register
 from pbnn.kernels import sgmcmc
 
-__all__ = [
-    "SGLD",
-    "SGHMC",
-    "PSGLD",
-    "CyclicalSGLD",
-    "CyclicalSGHMC",
-    "cycle_length_for",
-    "SGMCMCKernel",
-    "SGLDKernel",
-    "SGHMCKernel",
-    "PSGLDKernel",
-    "CyclicalSGLDKernel",
-    "CyclicalSGHMCKernel",
-]
-
-
 # "auto" compiles the gradient for runs of at least this many gradient steps: ~10 s of
 # compilation against a few hundred microseconds saved per step.
 COMPILE_MIN_STEPS = 100_000

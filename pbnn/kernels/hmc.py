@@ -24,26 +24,6 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = [
-    "Target",
-    "value_and_grad",
-    "nuts_step",
-    "hmc_step",
-    "HMCState",
-    "init",
-    "step",
-    "WarmupState",
-    "warmup_init",
-    "adapt",
-    "DualAveragingState",
-    "dual_averaging_init",
-    "dual_averaging_update",
-    "warmup_windows",
-    "first_window_start",
-    "find_step_size",
-    "regularised_variance",
-]
-
 GradFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 MAX_ENERGY_ERROR = 1000.0  # Stan's divergence threshold on H(z, r) - H(z0, r0)
@@ -69,9 +49,8 @@ class Target:
         """Value and gradient (extra ``args`` go to the log density, e.g. a minibatch index),
         made finite unless ``sanitise=False`` (see the class docstring)."""
         if torch.compiler.is_compiling():  # torch.func traces into the compiled graph
-            g, (_, lp) = torch.func.grad_and_value(lambda zz: _sum_with_aux(self.log_density(zz, *args)), has_aux=True)(
-                z
-            )
+            vg = torch.func.grad_and_value(lambda zz: _sum_with_aux(self.log_density(zz, *args)), has_aux=True)
+            g, (_, lp) = vg(z)
         else:  # eager: plain autograd has less per-call overhead
             with torch.enable_grad():
                 zz = z.detach().requires_grad_(True)
@@ -203,11 +182,7 @@ def _leaf_step(grad: GradFn, compiled: bool):
     def leaf(state: tuple, ck: tuple, u, leaf_index: int, v_eps, inv_mass, H0):
         z, r, g, lp, ps, zp, lpp, gp, log_w, rho, sum_acc, n, div, running, r_first, ps_first = state
         ck_r, ck_ps, ck_rho = ck
-        e = v_eps[:, None]
-        r1 = r + (0.5 * e) * g
-        z1 = z + e * (inv_mass * r1)
-        lp1, g1 = grad(z1)
-        r1 = r1 + (0.5 * e) * g1
+        z1, r1, g1, lp1 = leapfrog(z, r, g, v_eps, inv_mass, grad)
         ps1 = inv_mass * r1
         dH = torch.nan_to_num(0.5 * torch.linalg.vecdot(r1, ps1) - lp1 - H0, nan=math.inf)
         m, m2 = running, running[:, None]
@@ -334,12 +309,7 @@ def nuts_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, max_tree_depth: int = 10
         active = ok & no_turn
         if not bool(active.any()):
             break
-    stats = {
-        "diverging": div,
-        "acceptance_rate": sum_acc / n.clamp(min=1),
-        "tree_depth": depth,
-        "n_steps": n,
-    }
+    stats = {"diverging": div, "acceptance_rate": sum_acc / n.clamp(min=1), "tree_depth": depth, "n_steps": n}
     return sample["zp"], sample["lpp"], sample["gp"], stats
 
 
@@ -358,13 +328,8 @@ def hmc_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, num_steps: int = 20):
     z = torch.where(accept[:, None], zn, z)
     lp = torch.where(accept, lpn, lp)
     g = torch.where(accept[:, None], gn, g)
-    C = z.shape[0]
-    stats = {
-        "diverging": dH > MAX_ENERGY_ERROR,
-        "acceptance_rate": acc,
-        "n_steps": torch.full((C,), num_steps, dtype=torch.long),
-    }
-    return z, lp, g, stats
+    steps = torch.full((z.shape[0],), num_steps, dtype=torch.long)
+    return z, lp, g, {"diverging": dH > MAX_ENERGY_ERROR, "acceptance_rate": acc, "n_steps": steps}
 
 
 # ---------------------------------------------------------------------------- adaptation

@@ -26,28 +26,6 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = [
-    "sgld_step",
-    "sghmc_step",
-    "psgld_step",
-    "Rule",
-    "sgld",
-    "sghmc",
-    "psgld",
-    "constant",
-    "polynomial_decay",
-    "cyclical_cosine",
-    "is_exploration",
-    "cycle_index",
-    "Schedule",
-    "constant_schedule",
-    "polynomial_schedule",
-    "cyclical_schedule",
-    "SGState",
-    "init",
-    "transition",
-]
-
 
 # ---------------------------------------------------------------------------- update rules
 def sgld_step(

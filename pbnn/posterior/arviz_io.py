@@ -19,9 +19,6 @@ import numpy as np
 
 __all__ = ["to_inference_data"]
 
-# ArviZ's names for the sample statistics pbnn backends record.
-SAMPLE_STAT_NAMES = ("diverging", "acceptance_rate", "step_size", "tree_depth", "n_steps", "lp", "energy")
-
 
 def _np(t) -> np.ndarray:
     return t.detach().cpu().numpy()
