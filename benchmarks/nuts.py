@@ -109,7 +109,7 @@ def _subtree_steps(args, kwargs, sub) -> int:
 def run_pbnn(net, x, y, args):
     model = pbnn.BNN(net, prior=pbnn.priors.Normal(0.0, 1.0), likelihood=pbnn.likelihoods.Gaussian(0.1))
     t = time.perf_counter()
-    with LeapfrogCounter(pbnn.mcmc, "_build_subtree", _subtree_steps) as counter:
+    with LeapfrogCounter(pbnn.kernels.hmc, "_build_subtree", _subtree_steps) as counter:
         post = pbnn.fit(
             model, x, y, method="nuts", num_samples=args.draws, warmup=args.warmup, num_chains=args.chains,
             max_tree_depth=args.max_tree_depth, init="net", init_jitter=0.0 if args.chains == 1 else 0.1,

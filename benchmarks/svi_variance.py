@@ -55,7 +55,7 @@ def make_model() -> pbnn.BNN:
 # ------------------------------------------------------------------ gradient variance
 def gradient_variance(x, y, fit_steps: int, repeats: int) -> dict[str, dict[str, float]]:
     model = make_model()
-    data = pbnn.data.validate(model, x, y)
+    potential = pbnn.potential.Potential(model, pbnn.data.validate(model, x, y))
     post = pbnn.fit(model, x, y, method="svi", num_steps=fit_steps, batch_size=BATCH, seed=0, progress=False)
     q = post.approximation.q.base_dist
     print(f"guide after {fit_steps} plain-reparam steps: median weight sd {q.scale.median():.3g}")
@@ -63,8 +63,8 @@ def gradient_variance(x, y, fit_steps: int, repeats: int) -> dict[str, dict[str,
     for est in ("reparam", "local_reparam", "flipout"):
         svi = SVI(estimator=est, batch_size=BATCH)
         with pyro.get_param_store().scope():
-            guide = svi._make_guide(model, data)
-            loss, _, _ = svi._objective(model, guide, data)
+            guide = svi._make_guide(potential)
+            loss, _, _ = svi._objective(potential, guide)
             with torch.no_grad():
                 guide.loc.copy_(q.loc)
                 guide.scale_unconstrained.copy_(biject_to(constraints.softplus_positive).inv(q.scale))
