@@ -31,6 +31,7 @@ import itertools
 import math
 import operator
 import os
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -55,6 +56,7 @@ __all__ = [
     "fitted_params",
     "FULL_BATCH_LIMIT",
     "check_momentum",
+    "atomic_save",
 ]
 
 # Data sets up to this size are fitted full-batch by default; larger ones in minibatches.
@@ -72,6 +74,39 @@ def seeded(seed: int | None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """Write ``obj`` (``bytes`` as they are, anything else through ``torch.save``) to ``path``
+    so that ``path`` always holds either its old or its new content, never a torn file.
+
+    The bytes go to a temporary file in the same folder (``.<name>.<random>.tmp``), are
+    flushed and fsynced, then ``os.replace`` renames it over ``path`` (atomic on POSIX and
+    Windows within one file system) and the folder is fsynced where the OS allows. A process
+    killed before the rename leaves the old file intact (and at worst a stray ``.tmp`` file).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(obj, (bytes, bytearray, memoryview)):
+                f.write(obj)
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError, AttributeError):  # make the rename itself durable (POSIX only)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def resolve_batch_size(batch_size: int | None, n: int) -> int | None:
@@ -272,9 +307,7 @@ def optimise(
                     "losses": list(losses),
                     "batch_seed": seed,
                 }
-                tmp = f"{os.fspath(checkpoint_path)}.tmp"
-                torch.save(state, tmp)
-                os.replace(tmp, checkpoint_path)  # atomic: a killed job never leaves a half-written file
+                atomic_save(state, checkpoint_path)  # a killed job never leaves a half-written file
 
     if start >= num_steps:
         return losses

@@ -23,6 +23,7 @@ import torch
 
 from pbnn.core.data import Data, as_tensor
 from pbnn.core.model import BNN
+from pbnn.engine.optim import atomic_save
 from pbnn.posterior.approx import Approximation
 from pbnn.posterior.predictive import Prediction, predict_bnn, predict_pyro
 
@@ -168,12 +169,12 @@ class Posterior:
             "model": self.model,
         }
         try:
-            torch.save(state, path)
+            atomic_save(state, path)
         except (pickle.PicklingError, AttributeError, TypeError) as e:  # e.g. a lambda or closure model
             if state["model"] is None:
                 raise
             state["model"] = None
-            torch.save(state, path)
+            atomic_save(state, path)
             self.info.setdefault("save_warning", f"model not saved ({e}); pass model= to Posterior.load")
 
     @classmethod
