@@ -148,3 +148,190 @@ def test_checkpoint_of_an_older_pbnn_is_refused(tmp_path):
     torch.save({"params": [torch.zeros(2)], "step": 3, "losses": [1.0]}, path)
     with pytest.raises(ValueError, match="is not a pbnn checkpoint; to start afresh"):
         _fit(path)
+
+
+# ---------------------------------------------------------------------------- posterior files
+def _saved(tmp_path, post=None):
+    post = post or _posterior()
+    path = tmp_path / "post.pt"
+    post.save(path)
+    return post, path
+
+
+def test_crafted_old_style_posterior_runs_no_code(tmp_path):
+    post, path = _saved(tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"samples": post.samples, "info": {"x": _Evil(marker)}, "model": None}, path)
+    with pytest.raises(ValueError, match="not a posterior file of this pbnn's format.*trusted=True"):
+        pbnn.Posterior.load(path, model=post.model)
+    assert not marker.exists()
+
+
+def test_crafted_payload_with_a_valid_checksum_runs_no_code(tmp_path):
+    from pbnn.posterior import serialization
+
+    post, path = _saved(tmp_path)
+    marker = tmp_path / "pwned"
+    path.write_bytes(serialization.dump({"samples": post.samples, "info": {"x": _Evil(marker)}}))
+    with pytest.raises(ValueError, match="holds more than tensors and plain data"):
+        pbnn.Posterior.load(path, model=post.model)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", [0, 20, "middle", -1])
+def test_a_flipped_byte_is_a_clear_error(tmp_path, where):
+    post, path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if where == "middle" else where
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged"):
+        pbnn.Posterior.load(path, model=post.model)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    post, path = _saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="damaged.*header says"):
+        pbnn.Posterior.load(path, model=post.model)
+
+
+def test_model_is_required_or_trusted(tmp_path):
+    post, path = _saved(tmp_path)
+    with pytest.raises(ValueError, match="pass model=.*or trusted=True"):
+        pbnn.Posterior.load(path)
+    loaded = pbnn.Posterior.load(path, trusted=True, map_location="cpu")  # unpickles the stored model
+    assert isinstance(loaded.model, pbnn.BNN) and loaded.model is not post.model
+    x = torch.randn(3, 2)
+    assert torch.equal(loaded.predict(x).samples, post.predict(x).samples)
+
+
+def test_model_that_does_not_match_the_file_is_refused(tmp_path):
+    post, path = _saved(tmp_path)
+    other = _posterior(width=5).model
+    with pytest.raises(ValueError, match="does not match the file.*parameters.*pass the model"):
+        pbnn.Posterior.load(path, model=other)
+    classifier = pbnn.BNN(post.model.net, likelihood=pbnn.likelihoods.Categorical())
+    with pytest.raises(ValueError, match="likelihood: file 'Gaussian', model= 'Categorical'"):
+        pbnn.Posterior.load(path, model=classifier)
+
+
+def test_old_format_loads_only_when_trusted(tmp_path):
+    post, path = _saved(tmp_path)
+    state = {"samples": post.samples, "sample_stats": {}, "fixed": {}, "x": post.data.x, "y": post.data.y,
+             "method": "old", "approximation": None, "predictor": None, "info": {}, "model": post.model}  # fmt: skip
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="trusted=True"):
+        pbnn.Posterior.load(path, model=post.model)
+    old = pbnn.Posterior.load(path, trusted=True)
+    assert old.method == "old" and torch.equal(old.samples["0.weight"], post.samples["0.weight"])
+
+
+def test_info_that_is_not_plain_data_is_left_out_and_named(tmp_path):
+    import numpy as np
+
+    post = _posterior()
+    post.info.update({"losses": [1.0, np.float64(0.5)], "table": np.ones(2), "callback": print})
+    _, path = _saved(tmp_path, post)
+    loaded = pbnn.Posterior.load(path, model=post.model)
+    assert loaded.info["losses"] == [1.0, 0.5] and type(loaded.info["losses"][1]) is float
+    assert torch.equal(loaded.info["table"], torch.ones(2, dtype=torch.float64))
+    assert "callback" not in loaded.info and "['callback']" in loaded.info["save_warning"]
+
+
+def test_unregistered_predictor_is_refused_at_save(tmp_path):
+    post = _posterior()
+    post.predictor = lambda p, draws, x: None
+    with pytest.raises(ValueError, match="register"):
+        post.save(tmp_path / "p.pt")
+
+
+def _approximations():
+    from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal, transforms
+
+    from pbnn.posterior.approx import FlatApproximation, KroneckerApproximation, SwagMoments
+
+    sites = [
+        ("w", torch.Size([2]), transforms.identity_transform),
+        ("s", torch.Size([]), transforms.ExpTransform()),
+        (
+            "u",
+            torch.Size([]),
+            transforms.ComposeTransform([transforms.SigmoidTransform(), transforms.AffineTransform(1.0, 2.0)]),
+        ),  # noqa: E501
+    ]
+    L = torch.tensor([[1.0, 0, 0, 0], [0.5, 1, 0, 0], [0, 0.2, 1, 0], [0.1, 0, 0, 2]])
+    mom = SwagMoments(dim=4, rank=2, num_runs=2)
+    for t in range(3):
+        mom.update(torch.randn(2, 4, generator=torch.Generator().manual_seed(t)))
+    return {
+        "diag": FlatApproximation(Independent(Normal(torch.arange(4.0), torch.ones(4)), 1), sites),
+        "full": FlatApproximation(MultivariateNormal(torch.zeros(4), scale_tril=L), sites),
+        "low_rank": FlatApproximation(LowRankMultivariateNormal(torch.zeros(4), L[:, :2], torch.ones(4)), sites),
+        "swag": FlatApproximation(mom.distribution(0.5), sites),
+        "kron": KroneckerApproximation(
+            [("", "weight", "bias")],
+            {"weight": torch.ones(1, 2), "bias": torch.zeros(1)},
+            {"": (2 * torch.eye(1), torch.tensor([[2.0, 0.5, 0], [0.5, 1, 0], [0, 0, 1]]))},
+            {"": 0.7},
+        ),
+    }
+
+
+def _site_model(x, y=None):  # a Pyro model with the sites of _approximations (never pickled: a lambda holds it)
+    import pyro
+    import pyro.distributions as dist
+
+    pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    pyro.sample("s", dist.LogNormal(0.0, 1.0))
+    pyro.sample("u", dist.Uniform(1.0, 3.0))
+    pyro.sample("weight", dist.Normal(0.0, 1.0).expand([1, 2]).to_event(2))
+    pyro.sample("bias", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+
+
+@pytest.mark.parametrize("kind", ["diag", "full", "low_rank", "swag", "kron"])
+def test_approximations_round_trip_without_pickle(tmp_path, kind):
+    from pbnn.posterior import serialization
+
+    approx = _approximations()[kind]
+    draws = approx.sample(2, seed=0)
+    model = lambda x, y=None: _site_model(x, y)  # noqa: E731
+    data = pbnn.data.Data(torch.zeros(3, 1), torch.zeros(3))
+    post = pbnn.Posterior(model, {k: v[None] for k, v in draws.items()}, data=data, method="m", approximation=approx)
+    path = tmp_path / "p.pt"
+    post.save(path)  # the lambda does not pickle: the file says so
+    assert "model not saved" in post.info["save_warning"]
+    with open(path, "rb") as f:
+        assert serialization.read(f, "p")["approximation"]["type"] in ("flat", "kronecker")  # a tag, no pickle
+    with pytest.raises(ValueError, match="holds no model"):
+        pbnn.Posterior.load(path, trusted=True)
+    loaded = pbnn.Posterior.load(path, model=model)
+    assert type(loaded.approximation) is type(approx)
+    for k, v in approx.sample(7, seed=3).items():
+        assert torch.equal(loaded.approximation.sample(7, seed=3)[k], v)
+    z = approx.loc + 0.1
+    assert torch.equal(loaded.approximation.log_prob(z), approx.log_prob(z))
+
+
+def test_pyro_model_posterior_round_trip_checks_sites(tmp_path):
+    import pyro
+    import pyro.distributions as dist
+
+    def model(x, y=None, subsample=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+        with pyro.plate("data", len(x), subsample=subsample) as i:
+            pyro.sample("obs", dist.Normal(w * x[i, 0], sigma), obs=None if y is None else y[i])
+
+    def wider(x, y=None, subsample=None):
+        pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        pyro.sample("sigma", dist.HalfNormal(1.0))
+
+    x = torch.linspace(-1, 1, 8)[:, None]
+    post = pbnn.fit(model, x, 2 * x[:, 0], method="svi", num_steps=5, num_samples=4, seed=0, progress=False)
+    path = tmp_path / "p.pt"
+    post.save(path)
+    loaded = pbnn.Posterior.load(path, model=model)
+    assert torch.equal(loaded.predict(x, num_samples=9, seed=1).samples, post.predict(x, num_samples=9, seed=1).samples)
+    with pytest.raises(ValueError, match=r"does not match the file's sites \(w: file \(\), model= \(2,\)"):
+        pbnn.Posterior.load(path, model=wider)
