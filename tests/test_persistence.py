@@ -335,3 +335,34 @@ def test_pyro_model_posterior_round_trip_checks_sites(tmp_path):
     assert torch.equal(loaded.predict(x, num_samples=9, seed=1).samples, post.predict(x, num_samples=9, seed=1).samples)
     with pytest.raises(ValueError, match=r"does not match the file's sites \(w: file \(\), model= \(2,\)"):
         pbnn.Posterior.load(path, model=wider)
+
+
+def test_minibatch_resume_after_a_kill_is_bit_identical(tmp_path):
+    from pbnn.engine.optim import decay, optimise
+
+    x = torch.linspace(-1, 1, 10)
+
+    def run(path, fail_at=None):
+        w = torch.zeros(2, requires_grad=True)
+        calls = {"n": 0}
+
+        def loss(idx):
+            calls["n"] += 1
+            if fail_at is not None and calls["n"] > fail_at:
+                raise KeyboardInterrupt("killed")
+            noise = 0.1 * torch.randn(len(idx))  # the RNG, which the checkpoint restores
+            return ((w[0] * x[idx] + w[1] - 2 * x[idx] - noise) ** 2).sum()
+
+        opts = dict(num_steps=12, lr=decay(0.1, 12), n=10, batch_size=3, desc="t", progress=False)
+        losses = optimise([w], loss, checkpoint_path=path, checkpoint_every=4, **opts)
+        return w.detach(), losses
+
+    torch.manual_seed(0)
+    ref, ref_losses = run(tmp_path / "a.pt")
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", fail_at=6)  # dies after the checkpoint at step 4
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 3
+    torch.manual_seed(0)
+    resumed, losses = run(tmp_path / "b.pt")
+    assert torch.equal(resumed, ref) and losses == ref_losses

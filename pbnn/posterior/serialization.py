@@ -35,7 +35,20 @@ from typing import Any
 import torch
 from torch.distributions import transforms as T
 
-__all__ = ["MAGIC", "FORMAT", "VERSION", "dump", "read", "register", "encode", "decode", "to_plain", "encode_transform"]
+__all__ = [
+    "MAGIC",
+    "FORMAT",
+    "VERSION",
+    "NotThisFormat",
+    "dump",
+    "read",
+    "register",
+    "encode",
+    "decode",
+    "to_plain",
+    "encode_transform",
+    "decode_transform",
+]
 
 MAGIC = b"PBNN-POSTERIOR\n"
 FORMAT = "pbnn.posterior"
