@@ -133,7 +133,7 @@ def test_backend_contract(name, tmp_path, toy_registered):
     # Save / load round trip gives the same posterior and predictions.
     path = tmp_path / "post.pt"
     post.save(path)
-    loaded = pbnn.Posterior.load(path)
+    loaded = pbnn.Posterior.load(path, model=model)
     for site, v in post.samples.items():
         assert torch.equal(v, loaded.samples[site])
     assert torch.allclose(loaded.predict(x_test).mean, pred.mean)

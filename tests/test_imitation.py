@@ -284,7 +284,7 @@ def test_swag_with_batchnorm_recomputes_statistics_per_draw(tmp_path):
     assert torch.allclose(full[:, 3:4], post.predict(xt[3:4]).samples, atol=1e-5)  # eval mode at prediction
     path = tmp_path / "swag.pt"
     post.save(path)
-    loaded = pbnn.Posterior.load(path)
+    loaded = pbnn.Posterior.load(path, model=post.model)
     assert torch.allclose(loaded.predict(xt).samples, full)
 
 
@@ -293,7 +293,7 @@ def test_swag_posterior_saves_loads_and_exports_to_arviz(make_net, tmp_path):
     post = pbnn.fit(pbnn.BNN(make_net(hidden=4)), x, torch.sin(x[:, 0]), method="swag", map_steps=20, num_steps=60,
                     num_samples=6, seed=0, progress=False)  # fmt: skip
     post.save(tmp_path / "p.pt")
-    loaded = pbnn.Posterior.load(tmp_path / "p.pt")
+    loaded = pbnn.Posterior.load(tmp_path / "p.pt", model=post.model)
     assert torch.equal(
         loaded.predict(x, num_samples=10, seed=3).samples, post.predict(x, num_samples=10, seed=3).samples
     )

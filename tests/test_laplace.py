@@ -375,7 +375,7 @@ def test_classification_calibration_beats_map(make_net, tmp_path):
     assert float(-pred.log_prob(yt).mean()) < float(-two_map.log().gather(1, yt[:, None]).mean())
     # save / load keeps the predictor
     post.save(tmp_path / "la.pt")
-    back = pbnn.Posterior.load(tmp_path / "la.pt")
+    back = pbnn.Posterior.load(tmp_path / "la.pt", model=post.model)
     assert isinstance(back.predictor, LaplacePredictor)
     assert torch.allclose(back.predict(xt[:5]).probs, pred.probs[:5])
 

@@ -57,7 +57,7 @@ def test_save_load_round_trip(make_net, tmp_path):
     post = _fit(make_net, 0)
     path = tmp_path / "post.pt"
     post.save(path)
-    loaded = pbnn.Posterior.load(path)
+    loaded = pbnn.Posterior.load(path, model=post.model)
     for k in post.samples:
         assert torch.equal(post.samples[k], loaded.samples[k])
     xt = torch.linspace(-1, 1, 9)[:, None]

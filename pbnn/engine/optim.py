@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import itertools
 import math
 import operator
 import os
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -55,12 +57,21 @@ __all__ = [
     "fitted_params",
     "FULL_BATCH_LIMIT",
     "check_momentum",
+    "atomic_save",
+    "data_fingerprint",
+    "load_checkpoint",
+    "CHECKPOINT_FORMAT",
 ]
 
 # Data sets up to this size are fitted full-batch by default; larger ones in minibatches.
 FULL_BATCH_LIMIT = 2048
 DEFAULT_BATCH_SIZE = 256
 OPTIMIZERS = ("adam", "sgd")
+# Checkpoint files: {"format": CHECKPOINT_FORMAT, "version": ..., "fingerprint": {...}, "params",
+# "optimizer", "rng", "step", "losses", "batch_seed"}: tensors and plain data only.
+CHECKPOINT_FORMAT = "pbnn.checkpoint"
+CHECKPOINT_VERSION = 2
+_HASHED = 1 << 20  # the data hash reads at most this many evenly spaced numbers per tensor
 
 
 @contextlib.contextmanager
@@ -72,6 +83,98 @@ def seeded(seed: int | None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """Write ``obj`` (``bytes`` as they are, anything else through ``torch.save``) to ``path``
+    so that ``path`` always holds either its old or its new content, never a torn file.
+
+    The bytes go to a temporary file in the same folder (``.<name>.<random>.tmp``), are
+    flushed and fsynced, then ``os.replace`` renames it over ``path`` (atomic on POSIX and
+    Windows within one file system) and the folder is fsynced where the OS allows. A process
+    killed before the rename leaves the old file intact (and at worst a stray ``.tmp`` file).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(obj, (bytes, bytearray, memoryview)):
+                f.write(obj)
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError, AttributeError):  # make the rename itself durable (POSIX only)
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    flat = t.detach().cpu().reshape(-1)
+    step = max(1, flat.numel() // _HASHED)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{str(t.dtype)}{tuple(t.shape)}".encode())
+    h.update(flat[::step].double().numpy().tobytes())
+    h.update(repr(float(flat.double().sum())).encode())  # every number counts, if only through the sum
+    return h.hexdigest()
+
+
+def data_fingerprint(data) -> dict:
+    """Plain-data fingerprint of a :class:`pbnn.data.Data`: the shapes of ``x`` and ``y`` and a
+    cheap hash (at most ~1M evenly spaced numbers of each, and their sum), for checkpoints."""
+    return {
+        "data shape": [list(data.x.shape), list(data.y.shape)],
+        "data hash": _tensor_digest(data.x) + _tensor_digest(data.y),
+    }
+
+
+def load_checkpoint(path: str | os.PathLike, fingerprint: dict) -> dict | None:
+    """The checkpoint at ``path`` (None when there is none), checked against ``fingerprint``.
+
+    Loaded with ``torch.load(weights_only=True)``, so a file cannot run code. Raises a
+    ValueError naming the cause and how to start afresh when the file is not a pbnn checkpoint
+    of this version (crafted, corrupt or from an older pbnn) or belongs to another fit (each
+    entry of the fingerprint that differs, with both values).
+    """
+    if not os.path.exists(path):
+        return None
+    afresh = f"to start afresh, delete {os.fspath(path)!r} or pass another checkpoint_path"
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a pbnn checkpoint that holds only tensors and plain data "
+            f"(crafted, corrupt, or written by an older pbnn; loading it stopped with {type(e).__name__}); "
+            f"{afresh}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not a pbnn checkpoint; {afresh}")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{os.fspath(path)!r} is a pbnn checkpoint of format version {state.get('version')!r}, "
+            f"this pbnn reads version {CHECKPOINT_VERSION}; {afresh}"
+        )
+    theirs = state.get("fingerprint", {})
+    differs = [
+        f"{k}: checkpoint {theirs.get(k, '(absent)')!r}, this fit {fingerprint.get(k, '(absent)')!r}"
+        for k in sorted(set(theirs) | set(fingerprint))
+        if theirs.get(k, "(absent)") != fingerprint.get(k, "(absent)")
+    ]
+    if differs:
+        raise ValueError(
+            f"the checkpoint {os.fspath(path)!r} belongs to another fit ({'; '.join(differs)}); "
+            f"resuming it would be wrong, {afresh}"
+        )
+    return state
 
 
 def resolve_batch_size(batch_size: int | None, n: int) -> int | None:
@@ -178,6 +281,8 @@ def optimise(
     data_parallel: bool = True,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
+    fingerprint: dict | None = None,
+    data=None,
     on_step: Callable[[int], None] | None = None,
     scale: float = 1.0,
     desc: str = "optimise",
@@ -201,6 +306,13 @@ def optimise(
         data_parallel: inside :func:`pbnn.engine.distributed.data_parallel`, split every
             batch over the ranks (False: every rank trains its own points on all its rows).
         checkpoint_path, checkpoint_every: checkpoint and resume (module docstring).
+        fingerprint, data: what a checkpoint belongs to, besides what this loop knows (its
+            ``desc``, parameter shapes, ``n``, batch size, optimiser options, learning rates
+            at the first and last step, number of steps, clipping, ``accumulate``, ``points``,
+            ranks): plain data from the caller (method, seed, ...) and the training
+            :class:`pbnn.data.Data` (its shapes and a cheap hash, :func:`data_fingerprint`).
+            Resuming a checkpoint whose fingerprint differs is a ValueError that names each
+            difference (:func:`load_checkpoint`).
         on_step: called with the step number after each optimiser step.
     """
     positive_int("num_steps", num_steps)
@@ -253,7 +365,23 @@ def optimise(
     if checkpoint_path is not None:
         if not data_parallel and distributed.world_size() > 1:  # ranks train different points
             checkpoint_path = f"{os.fspath(checkpoint_path)}.rank{distributed.rank()}"
-        state = torch.load(checkpoint_path, weights_only=False) if os.path.exists(checkpoint_path) else None
+        fp = {
+            "loop": desc,
+            "parameter shapes": [list(p.shape) for p in params],
+            "n": n,
+            "batch_size": batch_size,
+            "optimizer": optimizer,
+            "momentum": momentum if optimizer == "sgd" else None,
+            "lr (first, last step)": [float(schedule(0)), float(schedule(num_steps - 1))],
+            "num_steps": num_steps,
+            "clip_norm": clip_norm,
+            "accumulate": accumulate,
+            "points": points,
+            "ranks": ranks,
+            **(data_fingerprint(data) if data is not None else {}),
+            **(fingerprint or {}),
+        }
+        state = load_checkpoint(checkpoint_path, fp)
         if state is not None:
             with torch.no_grad():
                 for p, v in zip(params, state["params"]):
@@ -265,6 +393,9 @@ def optimise(
         def after(t, losses):
             if ((t + 1) % checkpoint_every == 0 or t == num_steps - 1) and me == 0:
                 state = {
+                    "format": CHECKPOINT_FORMAT,
+                    "version": CHECKPOINT_VERSION,
+                    "fingerprint": fp,
                     "params": [p.detach().clone() for p in params],
                     "optimizer": opt.state_dict(),
                     "rng": torch.get_rng_state(),
@@ -272,9 +403,7 @@ def optimise(
                     "losses": list(losses),
                     "batch_seed": seed,
                 }
-                tmp = f"{os.fspath(checkpoint_path)}.tmp"
-                torch.save(state, tmp)
-                os.replace(tmp, checkpoint_path)  # atomic: a killed job never leaves a half-written file
+                atomic_save(state, checkpoint_path)  # a killed job never leaves a half-written file
 
     if start >= num_steps:
         return losses
@@ -321,6 +450,7 @@ def fit_map(
     accumulate: int = 1,
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
+    fingerprint: dict | None = None,
     desc: str = "MAP",
     progress: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[float]]:
@@ -342,7 +472,8 @@ def fit_map(
         jacobian: maximise the density of the unconstrained ``z`` (True, what a sampler
             targets) or of the constrained values (False: the MAP as Pyro's ``AutoDelta``
             defines it).
-        accumulate, checkpoint_path, checkpoint_every: as :func:`optimise`.
+        accumulate, checkpoint_path, checkpoint_every, fingerprint: as :func:`optimise` (the
+            checkpoint also records the potential's data).
 
     Returns:
         ``(z, fixed, losses)``, detached, ``z`` shaped like ``z0``; losses per data point.
@@ -383,6 +514,8 @@ def fit_map(
         accumulate=accumulate,
         checkpoint_path=checkpoint_path,
         checkpoint_every=checkpoint_every,
+        fingerprint=fingerprint,
+        data=potential.data,
         scale=n,
         desc=desc,
         progress=progress,
@@ -515,6 +648,7 @@ def fit_points(
         points=num,
         data_parallel=False,
         on_step=on_step and (lambda t: on_step(t, z.detach())),
+        data=potential.data,
         scale=num,
         loss_name="-log joint/N",
         **options,

@@ -155,6 +155,8 @@ class OptimOptions(Options):
             "accumulate": self.accumulate,
             "checkpoint_path": self.checkpoint_path,
             "checkpoint_every": self.checkpoint_every,
+            # what a checkpoint belongs to besides the loop's own options and the data
+            "fingerprint": {"method": getattr(self, "name", None), "seed": getattr(self, "seed", None)},
             "progress": self.progress,
         }
 

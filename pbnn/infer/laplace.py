@@ -36,6 +36,7 @@ from pbnn.infer.curvature import (
     output_jacobian,
     weight_layout,
 )
+from pbnn.posterior import serialization
 from pbnn.posterior.approx import Approximation, FlatApproximation, KroneckerApproximation
 from pbnn.posterior.posterior import Posterior
 from pbnn.posterior.predictive import Prediction, predict_bnn
@@ -376,6 +377,7 @@ def _approximation(curv, prec: torch.Tensor, theta: torch.Tensor, layout: SiteLa
 
 
 # ----------------------------------------------------------------------------- predictive
+@serialization.register("predictor", "laplace")
 class LaplacePredictor:
     """The Posterior's predictor for Laplace: linearised (``"glm"``) or sampled-network (``"nn"``).
 
@@ -393,6 +395,14 @@ class LaplacePredictor:
         self.predictive = predictive
         self.names = list(names)
         self.mean = dict(mean)
+
+    def state(self) -> dict:
+        """Tensors and plain data for a posterior file (:mod:`pbnn.posterior.serialization`)."""
+        return {"predictive": self.predictive, "names": self.names, "mean": self.mean}
+
+    @classmethod
+    def from_state(cls, state: dict) -> LaplacePredictor:
+        return cls(state["predictive"], state["names"], state["mean"])
 
     def __call__(self, post: Posterior, draws: dict[str, torch.Tensor], x: torch.Tensor) -> Prediction:
         model = post.model

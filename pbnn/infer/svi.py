@@ -145,6 +145,7 @@ class SVI(Backend, RunOptions, OptimOptions):
                 scale=len(potential),
                 desc=desc,
                 loss_name="-elbo/N",
+                data=potential.data,
                 **self.optim_args(len(potential)),
             )
             fixed = {k: v.detach() for k, v in fixed.items()}

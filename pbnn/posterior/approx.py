@@ -33,6 +33,7 @@ from torch.distributions import (
 from torch.distributions.transforms import identity_transform
 
 from pbnn.core.potential import SiteLayout
+from pbnn.posterior.serialization import decode_transform, encode_transform, register
 
 __all__ = ["Approximation", "FlatApproximation", "KroneckerApproximation", "SWAGNormal", "SwagMoments"]
 
@@ -75,6 +76,15 @@ class Approximation:
         return self.layout.constrain(self.loc)
 
 
+def _layout_state(layout: SiteLayout) -> list:
+    return [[n, list(s), encode_transform(t)] for n, s, t in layout.sites]
+
+
+def _layout_from_state(state: list) -> SiteLayout:
+    return SiteLayout([(n, torch.Size(s), decode_transform(t)) for n, s, t in state])
+
+
+@register("approximation", "flat")
 class FlatApproximation(Approximation):
     """``q(z)``, a torch distribution over the flat unconstrained ``z``, and the ``sites`` it packs
     (a :class:`pbnn.potential.SiteLayout` or its ``(name, shape, transform)`` list)."""
@@ -104,7 +114,40 @@ class FlatApproximation(Approximation):
             return torch.einsum("mce,mke->mck", LtJ, LtJ)
         return J @ q.covariance_matrix.double() @ J.mT
 
+    def state(self) -> dict:
+        """Tensors and plain data to store in a posterior file (:mod:`pbnn.posterior.serialization`);
+        ``q`` must be a diagonal, full or low-rank normal, or a :class:`SWAGNormal`."""
+        q = self.q
+        if type(q) is Independent and type(q.base_dist) is Normal and q.reinterpreted_batch_ndims == 1:
+            dist = {"type": "diag_normal", "loc": q.base_dist.loc, "scale": q.base_dist.scale}
+        elif type(q) is MultivariateNormal:
+            dist = {"type": "mvn", "loc": q.loc, "scale_tril": q.scale_tril}
+        elif type(q) is LowRankMultivariateNormal:
+            dist = {"type": "low_rank_mvn", "loc": q.loc, "cov_factor": q.cov_factor, "cov_diag": q.cov_diag}
+        elif type(q) is SWAGNormal:
+            dist = {"type": "swag", "mean": q.loc_runs, "diag": q.diag, "dev": q.dev, "scale": q.scale}
+        else:
+            raise ValueError(f"cannot store a FlatApproximation of {type(q).__name__} in a posterior file")
+        return {"q": dist, "sites": _layout_state(self.layout)}
 
+    @classmethod
+    def from_state(cls, state: dict) -> FlatApproximation:
+        d = state["q"]
+        kind = d["type"]
+        if kind == "diag_normal":
+            q = Independent(Normal(d["loc"], d["scale"]), 1)
+        elif kind == "mvn":
+            q = MultivariateNormal(d["loc"], scale_tril=d["scale_tril"])
+        elif kind == "low_rank_mvn":
+            q = LowRankMultivariateNormal(d["loc"], d["cov_factor"], d["cov_diag"])
+        elif kind == "swag":
+            q = SWAGNormal(d["mean"], d["diag"], d["dev"], d["scale"])
+        else:
+            raise ValueError(f"unknown distribution {kind!r} in a posterior file")
+        return cls(q, _layout_from_state(state["sites"]))
+
+
+@register("approximation", "kronecker")
 class KroneckerApproximation(Approximation):
     """Gaussian over the weights of ``nn.Linear`` layers with precision ``G kron A + delta I`` per layer.
 
@@ -139,6 +182,26 @@ class KroneckerApproximation(Approximation):
             la, qa = torch.linalg.eigh(A.double())
             self.eig[p] = (lg.clamp_min(0), qg, la.clamp_min(0), qa)  # PSD factors: clamp round-off negatives
         self.set_prior_precision(prior_precision)
+
+    def state(self) -> dict:
+        """Tensors and plain data to store in a posterior file (the eigendecompositions as they are,
+        so a loaded copy draws the same numbers)."""
+        return {
+            "layers": [list(layer) for layer in self.layers],
+            "mean": self.mean_values,
+            "eig": {p: list(e) for p, e in self.eig.items()},
+            "prior_precision": self.prior_precision,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> KroneckerApproximation:
+        self = cls.__new__(cls)
+        self.layers = [tuple(layer) for layer in state["layers"]]
+        self.mean_values = dict(state["mean"])
+        self.layout = SiteLayout([(n, v.shape, identity_transform) for n, v in self.mean_values.items()])
+        self.eig = {p: tuple(e) for p, e in state["eig"].items()}
+        self.set_prior_precision(state["prior_precision"])
+        return self
 
     def set_prior_precision(self, prior_precision: dict) -> None:
         self.prior_precision = {p: torch.as_tensor(prior_precision[p], dtype=torch.double) for p, _, _ in self.layers}

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +24,10 @@ import torch
 
 from pbnn.core.data import Data, as_tensor
 from pbnn.core.model import BNN
+from pbnn.engine.optim import atomic_save
+from pbnn.posterior import serialization
 from pbnn.posterior.approx import Approximation
-from pbnn.posterior.predictive import Prediction, predict_bnn, predict_pyro
+from pbnn.posterior.predictive import Prediction, predict_bn_refresh, predict_bnn, predict_params, predict_pyro
 
 __all__ = ["Posterior"]
 
@@ -44,8 +47,8 @@ class Posterior:
             SWAG), so more draws can be made; else None.
         predictor: optional ``predictor(posterior, draws, x) -> Prediction`` for backends
             whose predictive is not "evaluate the model at each draw" (e.g. a linearised
-            Laplace predictive). Must be picklable (a module-level function or object) for
-            :meth:`save`.
+            Laplace predictive). :meth:`save` stores it by the tag it is registered under
+            (:func:`pbnn.posterior.serialization.register`), never pickled.
         info: backend-specific extras (loss traces, timings, ...).
     """
 
@@ -154,35 +157,110 @@ class Posterior:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
-        """Save draws, stats, fitted parameters, data and (if picklable) the model."""
-        state = {
+        """Save the posterior to ``path`` (format: :mod:`pbnn.posterior.serialization`).
+
+        The file holds tensors and plain data only: draws, stats, fitted parameters, the data,
+        ``info`` (entries that are not plain data are left out and named in
+        ``info["save_warning"]``), the approximation and predictor as a type tag plus tensors,
+        a description of the model (site names and shapes) and, in a separate byte field,
+        the pickled model when it pickles (read only by ``Posterior.load(..., trusted=True)``).
+        Written atomically: a temporary file in the same folder, fsynced, then renamed over
+        ``path``, so a killed save leaves the previous file.
+        """
+        info, left_out = {}, []
+        for k, v in self.info.items():
+            if k == "save_warning":
+                continue
+            try:
+                info[k] = serialization.to_plain(v)
+            except TypeError:
+                left_out.append(str(k))
+        warnings = []
+        if left_out:
+            warnings.append(f"info entries {left_out} not saved (not plain data)")
+        try:
+            model_bytes = serialization.to_bytes_tensor(serialization.pickled(self.model))
+        except (pickle.PicklingError, AttributeError, TypeError) as e:  # e.g. a lambda or closure model
+            model_bytes = None
+            warnings.append(f"model not saved ({e}); pass model= to Posterior.load")
+        if warnings:
+            self.info["save_warning"] = "; ".join(warnings)
+            info["save_warning"] = self.info["save_warning"]
+        payload = {
             "samples": self.samples,
-            "sample_stats": self.sample_stats,
+            "sample_stats": serialization.to_plain(self.sample_stats),
             "fixed": self.fixed,
             "x": self.data.x,
             "y": self.data.y,
             "method": self.method,
-            "approximation": self.approximation,
-            "predictor": self.predictor,
-            "info": self.info,
-            "model": self.model,
+            "approximation": serialization.encode("approximation", self.approximation),
+            "predictor": serialization.encode("predictor", self.predictor),
+            "info": info,
+            "model": {"signature": _model_signature(self.model), "pickle": model_bytes},
         }
-        try:
-            torch.save(state, path)
-        except (pickle.PicklingError, AttributeError, TypeError) as e:  # e.g. a lambda or closure model
-            if state["model"] is None:
-                raise
-            state["model"] = None
-            torch.save(state, path)
-            self.info.setdefault("save_warning", f"model not saved ({e}); pass model= to Posterior.load")
+        atomic_save(serialization.dump(payload), path)
 
     @classmethod
-    def load(cls, path: str | Path, model=None) -> Posterior:
-        """Load a saved Posterior; pass ``model`` when the model could not be pickled.
+    def load(cls, path: str | Path, model=None, map_location=None, trusted: bool = False) -> Posterior:
+        """Load a Posterior saved by :meth:`save`.
 
-        Only load files you trust: this unpickles the model object.
+        Args:
+            path: the file.
+            model: the model the posterior was fitted with (a :class:`pbnn.BNN` or Pyro model
+                function), checked against the file: a BNN's parameter names and shapes,
+                likelihood and prior types; a Pyro model's latent site names and shapes on the
+                saved data. Required unless ``trusted=True``.
+            map_location: as ``torch.load``'s (e.g. ``"cpu"``).
+            trusted: unpickle the model stored in the file when ``model`` is None, and read
+                files of older pbnn versions (pickles). Unpickling runs code from the file:
+                only for files you trust.
+
+        Everything else is read with ``torch.load(weights_only=True)`` after the file's
+        checksum is verified: a damaged or changed file is a ValueError, and no content of
+        the file runs code unless ``trusted=True``.
         """
-        state = torch.load(path, weights_only=False)
+        name = os.fspath(path)
+        with open(path, "rb") as f:
+            try:
+                state = serialization.read(f, name, map_location)
+            except serialization.NotThisFormat:
+                if not trusted:
+                    raise ValueError(
+                        f"{name!r} is not a posterior file of this pbnn's format: an older pbnn's file "
+                        "(read only by unpickling, which runs code from the file), a damaged file or "
+                        "another file. If you trust it, load it with pbnn.Posterior.load(path, "
+                        "trusted=True) and save it again to convert it"
+                    ) from None
+                f.seek(0)
+                return cls._load_pickle(f, model, map_location)
+        stored = state["model"]
+        if model is None:
+            if not trusted:
+                raise ValueError(
+                    "pass model= (the network or Pyro model this posterior was fitted with; it is checked "
+                    "against the file), or trusted=True to unpickle the model stored in the file (this "
+                    "runs code from the file: only for files you trust)"
+                )
+            if stored["pickle"] is None:
+                raise ValueError("this file holds no model (it was not picklable when saved); pass model=")
+            model = serialization.unpickle(stored["pickle"], map_location)
+        _check_model(model, stored["signature"], state)
+        return cls(
+            model,
+            state["samples"],
+            data=Data(state["x"], state["y"]),
+            method=state["method"],
+            sample_stats=state["sample_stats"],
+            fixed=state["fixed"],
+            approximation=serialization.decode("approximation", state["approximation"]),
+            predictor=serialization.decode("predictor", state["predictor"]),
+            info=state["info"],
+        )
+
+    @classmethod
+    def _load_pickle(cls, f, model, map_location) -> Posterior:
+        """A file of pbnn before the checked format: a pickle (``trusted=True`` only)."""
+        state = torch.load(f, weights_only=False, map_location=map_location)
         model = model if model is not None else state["model"]
         if model is None:
             raise ValueError("this file holds no model (it was not picklable); pass model= to Posterior.load")
@@ -205,3 +283,55 @@ class Posterior:
             f"Posterior(method={self.method!r}, chains={self.num_chains}, draws={self.num_draws}, "
             f"sites={sites}, dims={size})"
         )
+
+
+# Predictors of the posterior layer that files may name (pbnn.infer.laplace registers its own).
+serialization.register("predictor", "params")(predict_params)
+serialization.register("predictor", "bn_refresh")(predict_bn_refresh)
+
+
+def _model_signature(model) -> dict:
+    """What :meth:`Posterior.load` checks a ``model=`` against (plain data)."""
+    if isinstance(model, BNN):
+        return {
+            "kind": "bnn",
+            "parameters": {n: list(p.shape) for n, p in model.net.named_parameters()},
+            "likelihood": type(model.likelihood).__qualname__,
+            "prior": type(model.prior).__qualname__,
+        }
+    return {"kind": "pyro"}
+
+
+def _check_model(model, signature: dict, state: dict) -> None:
+    """ValueError naming how ``model`` differs from the one the file was saved with."""
+    fix = "pass the model the posterior was fitted with"
+    mine = _model_signature(model)
+    if mine["kind"] != signature["kind"]:
+        what = {"bnn": "a pbnn.BNN", "pyro": "a Pyro model function"}
+        raise ValueError(f"model= is {what[mine['kind']]}, the file was saved from {what[signature['kind']]}; {fix}")
+    if mine["kind"] == "bnn":
+        differs = [
+            f"{k}: file {signature[k]!r}, model= {mine[k]!r}"
+            for k in ("parameters", "likelihood", "prior")
+            if signature.get(k) != mine[k]
+        ]
+        if differs:
+            raise ValueError(f"model= does not match the file ({'; '.join(differs)}); {fix}")
+        return
+    import pyro
+    import pyro.poutine as poutine
+
+    latent = {k: tuple(v.shape[2:]) for k, v in state["samples"].items()}
+    try:
+        with torch.random.fork_rng(devices=[]), pyro.get_param_store().scope(), torch.no_grad():
+            trace = poutine.trace(model).get_trace(state["x"], state["y"])
+    except Exception as e:
+        raise ValueError(f"model= does not run on the file's data ({type(e).__name__}: {e}); {fix}") from None
+    sites = {
+        n: tuple(site["value"].shape)
+        for n, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+    differs = [f"{n}: file {s}, model= {sites.get(n, 'absent')}" for n, s in latent.items() if sites.get(n) != s]
+    if differs:
+        raise ValueError(f"model= does not match the file's sites ({'; '.join(differs)}); {fix}")
