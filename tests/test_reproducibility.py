@@ -115,16 +115,16 @@ def kill_at(monkeypatch, step):
     monkeypatch.setattr(optim, "tqdm", bar)
 
 
-def minibatch_resume_case(method, seed, tmp_path, monkeypatch):
+def minibatch_resume_case(method, seed, tmp_path, monkeypatch, **kw):
     """(uninterrupted posterior, resumed posterior, checkpoint step at the kill)."""
-    ref = _minibatch_fit(method, tmp_path / "ref.pt", seed)
+    ref = _minibatch_fit(method, tmp_path / "ref.pt", seed, **kw)
     path = tmp_path / "killed.pt"
     with monkeypatch.context() as m:
         kill_at(m, 25)  # dies after the checkpoint of step 19, in the second half of an epoch
         with pytest.raises(Killed):
-            _minibatch_fit(method, path, seed)
+            _minibatch_fit(method, path, seed, **kw)
     saved = torch.load(path, weights_only=False)["step"]
-    return ref, _minibatch_fit(method, path, seed, caller_seed=999), saved
+    return ref, _minibatch_fit(method, path, seed, caller_seed=999, **kw), saved
 
 
 @pytest.mark.parametrize("seed", [7, None])
