@@ -90,15 +90,16 @@ def check_timeout(timeout: float | None) -> float:
     return float(timeout)
 
 
-def _wait(work, op: str) -> None:
-    """Wait for an ``async_op`` collective at most the current timeout; a clear error otherwise."""
+def _run(op: str, start: Callable[[], Any]) -> None:
+    """Start a collective (``start()`` calls it with ``async_op=True``) and wait for it at most
+    the current timeout; a :class:`DistributedTimeoutError` if it fails or times out."""
     timeout = _TIMEOUT.get()
     try:
-        work.wait(datetime.timedelta(seconds=timeout))
+        start().wait(datetime.timedelta(seconds=timeout))
     except RuntimeError as err:
         raise DistributedTimeoutError(
-            f"pbnn.distributed: {op} on rank {dist.get_rank()} of {dist.get_world_size()} did not complete "
-            f"within timeout={timeout:g} s: another rank stopped, crashed or is stuck, or the ranks called "
+            f"pbnn.distributed: {op} on rank {dist.get_rank()} of {dist.get_world_size()} failed or did not "
+            f"complete within timeout={timeout:g} s: another rank stopped, crashed or is stuck, or the ranks called "
             "pbnn.fit with different arguments (every rank must make the same call). If a rank legitimately "
             f"needs longer between collectives, pass a larger timeout=. ({err})"
         ) from err
@@ -154,7 +155,7 @@ def allreduce_sum_(tensors: list[torch.Tensor]) -> None:
     if not is_active() or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    _wait(dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True), "all_reduce")
+    _run("all_reduce", lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True))
     pos = 0
     for t in tensors:
         t.copy_(flat[pos : pos + t.numel()].view_as(t))
@@ -166,7 +167,7 @@ def broadcast_seed(seed: int | None) -> int | None:
     if not is_active() or seed is not None:
         return seed
     t = torch.randint(0, 2**62, (1,))
-    _wait(dist.broadcast(t, src=0, async_op=True), "broadcast")
+    _run("broadcast", lambda: dist.broadcast(t, src=0, async_op=True))
     return int(t.item())
 
 
@@ -243,12 +244,13 @@ def all_gather(obj: T) -> list[T]:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
-    _wait(dist.all_gather(sizes, torch.tensor([len(data)], device=device), async_op=True), "all_gather")
+    size = torch.tensor([len(data)], device=device)
+    _run("all_gather", lambda: dist.all_gather(sizes, size, async_op=True))
     longest = int(max(int(n.item()) for n in sizes))
     padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     padded[: len(data)] = data.to(padded.device)
     out = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in sizes]
-    _wait(dist.all_gather(out, padded, async_op=True), "all_gather")
+    _run("all_gather", lambda: dist.all_gather(out, padded, async_op=True))
     parts: list[Any] = [pickle.loads(o[: int(n.item())].cpu().numpy().tobytes()) for o, n in zip(out, sizes)]
     return parts
 
