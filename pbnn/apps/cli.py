@@ -73,7 +73,7 @@ def _default_tasks() -> list[str]:
     return list(TASKS)
 
 
-def _names(option: str, value: str | None, known, default: list[str]) -> list[str]:
+def _names(option: str, value: str | None, known: list[str], default: list[str] | None) -> list[str] | None:
     """The comma-separated names of ``--option`` (None: ``default``). An empty list or entry, a
     duplicated name or an unknown name ends the command with a one-line message naming the
     valid choices (``SystemExit``, no traceback); spaces around names are ignored."""
