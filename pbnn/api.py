@@ -22,14 +22,23 @@ import contextlib
 
 from pbnn.core.data import validate
 from pbnn.core.potential import Potential
-from pbnn.engine.distributed import data_parallel
+from pbnn.engine.distributed import check_timeout, data_parallel
 from pbnn.infer.base import Backend, make_backend
 from pbnn.posterior.posterior import Posterior
 
 __all__ = ["fit"]
 
 
-def fit(model, x, y, method: str | Backend = "svi", *, distributed: bool = False, **options) -> Posterior:
+def fit(
+    model,
+    x,
+    y,
+    method: str | Backend = "svi",
+    *,
+    distributed: bool = False,
+    timeout: float | None = None,
+    **options,
+) -> Posterior:
     """Fit ``model`` to ``(x, y)`` with an inference backend and return its Posterior.
 
     Args:
@@ -43,11 +52,18 @@ def fit(model, x, y, method: str | Backend = "svi", *, distributed: bool = False
             spread over the ranks (NUTS, HMC, MH, ensemble, MultiSWAG, several SG-MCMC
             chains); every rank must call ``fit`` with the same arguments and returns the
             same Posterior.
+        timeout: with ``distributed=True``, the most seconds a rank waits for the others in
+            one collective (None: ``pbnn.distributed.DEFAULT_TIMEOUT``, 300 s); a rank that
+            stopped or is stuck then ends the job with ``pbnn.distributed.DistributedTimeoutError``
+            instead of a hang. Also the ``init_process_group`` timeout when pbnn creates the
+            group; for a group you create, pass ``init_process_group(timeout=...)`` yourself
+            (``docs/distributed.md``).
         **options: the backend's constructor arguments, when ``method`` is a name.
 
     Raises:
         ValueError: for bad data (NaN/inf, mismatched lengths, bad labels, empty data),
-            an unknown method or an unknown option.
+            an unknown method or an unknown option, or a ``timeout`` that is not a positive
+            number or comes without ``distributed=True``.
 
     Example:
         >>> import torch, pbnn
@@ -57,7 +73,10 @@ def fit(model, x, y, method: str | Backend = "svi", *, distributed: bool = False
         >>> post.method
         'map'
     """
+    if timeout is not None and not distributed:
+        raise ValueError("timeout= applies to distributed fits only: pass distributed=True as well, or drop timeout")
+    check_timeout(timeout)
     backend = make_backend(method, **options)
     potential = Potential(model, validate(model, x, y))  # the one model interface of this fit
-    with data_parallel() if distributed else contextlib.nullcontext():
+    with data_parallel(timeout=timeout) if distributed else contextlib.nullcontext():
         return backend.fit(potential)

@@ -76,8 +76,46 @@ def test_cli_bench_rejects_bad_options(tmp_path):
         main(["bench", "--task", "gap,nope", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--seeds and --jobs must be >= 1"):
         main(["bench", "--task", "gap", "--jobs", "0", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="unknown method 'nope'"):
+    with pytest.raises(SystemExit, match="unknown method.*nope; known methods: .*csghmc"):
         main(["bench", "--task", "gap", "--methods", "map,nope", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", ""], "--task is empty; choose comma-separated names among gap, friedman"),
+        (["--task", " , "], "--task is empty"),
+        (["--task", "gap,,moons"], "--task 'gap,,moons' has an empty name; choose .* among gap"),
+        (["--task", "gap,gap"], "--task names gap more than once; give each name once"),
+        (["--methods", ""], "--methods is empty; choose comma-separated names among .*map.*svi"),
+        (["--methods", "map,"], "--methods 'map,' has an empty name"),
+        (["--methods", "svi,map,svi,map"], "--methods names map, svi more than once"),
+        (["--methods", "nutz"], "unknown method.*nutz; known methods: .*nuts"),
+        (["--task", "gap", "--methods", "map, nutz"], "unknown method.*nutz"),
+    ],
+)
+def test_cli_bench_refuses_empty_duplicated_and_unknown_names(tmp_path, argv, message, monkeypatch):
+    from pbnn.apps import bench
+
+    ran = []
+    monkeypatch.setattr(bench, "run_jobs", lambda *a, **k: ran.append(a))  # nothing may run
+    with pytest.raises(SystemExit, match=message) as err:
+        main(["bench", *argv, "--out", str(tmp_path)])
+    text = str(err.value.code)
+    assert isinstance(err.value.code, str) and "\n" not in text and text.startswith("pbnn bench: ")
+    assert not ran
+
+
+def test_cli_bench_names_allow_spaces(tmp_path, monkeypatch):
+    from pbnn.apps import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run_jobs", lambda jobs, *a, **k: seen.setdefault("jobs", jobs) and [])
+    monkeypatch.setattr(bench, "summarise", lambda rows: [])
+    monkeypatch.setattr(bench, "write_tables", lambda *a: (tmp_path / "a", tmp_path / "b"))
+    monkeypatch.setattr(bench, "format_table", lambda s: "")
+    assert main(["bench", "--task", " gap", "--methods", "map , svi", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    assert seen["jobs"] == [("gap", m, s) for m in ("map", "svi") for s in range(2)]
 
 
 def test_cli_bench_quick_smoke(tmp_path):

@@ -1,12 +1,16 @@
 """Data-parallel training (2 gloo ranks on CPU), gradient accumulation and checkpoints."""
 
 import os
+import socket
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_reproducibility import Killed, kill_at, minibatch_resume_case
 
 import pbnn
 from pbnn.engine.optim import decay, optimise
@@ -108,6 +112,87 @@ def test_svi_checkpoint_resume(tmp_path):
     a = _svi(checkpoint_path=path, checkpoint_every=10)
     b = _svi(checkpoint_path=path, checkpoint_every=10)  # finished checkpoint: nothing left to do
     assert torch.equal(a.approximation.q.mean, b.approximation.q.mean)
+
+
+# ------------------------------------------- pbnn creates the group: exact resume and timeouts
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_worker(rank, port, out_dir):
+    """One rank of a torchrun-like job (pbnn.fit creates the group from the environment)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    out, res = Path(out_dir), {}
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            for method in ("svi", "map"):
+                (out / method).mkdir(exist_ok=True)
+                ref, resumed, saved = minibatch_resume_case(method, None, out / method, m, distributed=True, timeout=60)
+                res[method] = dict(saved=saved, ref=_state(ref), resumed=_state(resumed))
+        stop = out / "rank0_done"
+        if rank == 1:  # stops answering mid-fit (stuck, not dead) until rank 0 has given up
+            with pytest.MonkeyPatch.context() as m, pytest.raises(Killed):
+                kill_at(m, 3)
+                _svi(batch_size=8, num_steps=20, distributed=True, timeout=2)
+            deadline = time.monotonic() + 120
+            while not stop.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            start = time.monotonic()
+            try:
+                _svi(batch_size=8, num_steps=20, distributed=True, timeout=2)
+                res["stuck"] = ("no error", time.monotonic() - start)
+            except pbnn.distributed.DistributedTimeoutError as err:
+                res["stuck"] = (str(err), time.monotonic() - start)
+            finally:
+                stop.touch()
+        torch.save(res, out / f"env{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _state(post):
+    return dict(losses=post.info["losses"], **{f"samples/{k}": v for k, v in post.samples.items()})
+
+
+@pytest.fixture(scope="module")
+def env_ranks(tmp_path_factory):
+    d = tmp_path_factory.mktemp("env")
+    mp.spawn(_env_worker, args=(_free_port(), str(d)), nprocs=2, join=True)
+    return torch.load(d / "env0.pt", weights_only=False), torch.load(d / "env1.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("method", ["svi", "map"])
+def test_killed_data_parallel_minibatch_fit_resumes_bit_identically(env_ranks, method):
+    """Two ranks, batch_size=64 per rank, seed=None (rank 0's seed is broadcast), killed after
+    the checkpoint of step 19 and resumed with other RNG states: the uninterrupted run's
+    losses, parameters and draws, bit for bit, on both ranks."""
+    r0, r1 = (r[method] for r in env_ranks)
+    assert r0["saved"] == r1["saved"] == 19
+    for r in (r0, r1):
+        assert r["ref"].keys() == r["resumed"].keys() and len(r["ref"]["losses"]) == 30
+        assert r["resumed"]["losses"] == r["ref"]["losses"]
+        for k, v in r["ref"].items():
+            if k != "losses":
+                assert torch.equal(r["resumed"][k], v), k
+                assert torch.equal(r1["ref"][k], r0["ref"][k]), k  # every rank holds the same
+
+
+def test_a_stuck_rank_ends_the_job_with_an_error_naming_the_timeout(env_ranks):
+    message, seconds = env_ranks[0]["stuck"]
+    assert "all_reduce on rank 0 of 2 failed or did not complete within timeout=2 s" in message, message
+    assert "another rank stopped, crashed or is stuck" in message
+    assert 1.5 < seconds < 30  # the 2 s timeout, not gloo's 30-minute default
+
+
+def test_timeout_is_checked():
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        pbnn.fit(_model(), *_data(), method="map", num_steps=2, distributed=True, timeout=0)
+    with pytest.raises(ValueError, match="timeout= applies to distributed fits only"):
+        pbnn.fit(_model(), *_data(), method="map", num_steps=2, timeout=10)
 
 
 def test_pyro_models_refuse_accumulation():

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--methods",
         default=None,
-        help=f"comma-separated method names (default: {','.join(DEFAULT_METHODS)}, one backend per family)",
+        help=f"comma-separated method names (default: {','.join(DEFAULT_METHODS)}, one backend per family); "
+        "an empty, duplicated or unknown name is refused",
     )
     bench.add_argument("--seeds", type=int, default=3, help="number of seeds / splits per task (default: 3)")
     bench.add_argument(
@@ -72,20 +73,41 @@ def _default_tasks() -> list[str]:
     return list(TASKS)
 
 
+def _names(option: str, value: str | None, known: list[str], default: list[str] | None) -> list[str] | None:
+    """The comma-separated names of ``--option`` (None: ``default``). An empty list or entry, a
+    duplicated name or an unknown name ends the command with a one-line message naming the
+    valid choices (``SystemExit``, no traceback); spaces around names are ignored."""
+    if value is None:
+        return default
+    names = [v.strip() for v in value.split(",")]
+    choices = f"choose comma-separated names among {', '.join(known)}"
+    if not any(names):
+        raise SystemExit(f"pbnn bench: {option} is empty; {choices} (or leave {option} out for the default)")
+    if "" in names:
+        raise SystemExit(f"pbnn bench: {option} {value!r} has an empty name; {choices}")
+    dupes = sorted({v for v in names if names.count(v) > 1})
+    if dupes:
+        raise SystemExit(
+            f"pbnn bench: {option} names {', '.join(dupes)} more than once; "
+            "give each name once (--seeds sets the repeats)"
+        )
+    unknown = [v for v in names if v not in known]
+    if unknown:
+        kind = option.lstrip("-").rstrip("s")
+        raise SystemExit(f"pbnn bench: unknown {kind}(s) {', '.join(unknown)}; known {kind}s: {', '.join(known)}")
+    return names
+
+
 def _bench(args) -> int:
     from pbnn.apps import bench
 
-    if args.task:
-        tasks = args.task.split(",")
-        unknown = [t for t in tasks if t not in bench.TASKS]
-        if unknown:
-            raise SystemExit(f"pbnn bench: unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(bench.TASKS)}")
-    else:
-        tasks = ["gap", "moons"] if args.quick else _default_tasks()
+    default_tasks = ["gap", "moons"] if args.quick else None
+    tasks = _names("--task", args.task, list(bench.TASKS), default_tasks)
     if args.seeds < 1 or (args.jobs is not None and args.jobs < 1):
         raise SystemExit(f"pbnn bench: --seeds and --jobs must be >= 1, got {args.seeds} and {args.jobs}")
     default_methods = ["map", "svi"] if args.quick else list(bench.DEFAULT_METHODS)
-    methods = args.methods.split(",") if args.methods else default_methods
+    methods = _names("--methods", args.methods, sorted(bench.BACKENDS), default_methods)
+    tasks = _default_tasks() if tasks is None else tasks  # after every check: it may print a note
     seeds = 1 if args.quick else args.seeds
     options = {m: bench._options_for(m, bench.QUICK_OPTIONS if args.quick else {"progress": False}) for m in methods}
     jobs = [(t, m, s) for t in tasks for m in methods for s in range(seeds)]  # task-major: rows group by task

@@ -3,6 +3,17 @@ see ``docs/distributed.md``). Inside ``data_parallel()`` minibatch trainers spli
 batch over the ranks and sum the gradients; chain samplers and ensembles give each rank a block
 of chains seeded by global index, so any number of ranks returns what one process returns.
 
+Every collective pbnn runs waits at most ``timeout`` seconds (``data_parallel(timeout=...)``,
+``pbnn.fit(..., distributed=True, timeout=...)``; default :data:`DEFAULT_TIMEOUT`, 300 s) for
+the other ranks: a rank that stopped, crashed or is stuck ends the job with a
+:class:`DistributedTimeoutError` naming the timeout, instead of blocking for the backend's own
+default (30 minutes for gloo). The collectives are started with ``async_op=True`` and waited
+on with that timeout, so this holds for a group the user created too; a group that pbnn
+creates (from torchrun's environment) gets the same ``init_process_group(timeout=...)``, which
+also bounds the rendezvous. For a group you create yourself, pass
+``init_process_group(..., timeout=datetime.timedelta(seconds=...))`` to bound the rendezvous and
+collectives outside pbnn.
+
 Example (single process: the context is a no-op without a multi-rank group):
     >>> import pbnn
     >>> with pbnn.distributed.data_parallel():
@@ -15,7 +26,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import datetime
+import math
 import os
+import pickle
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,11 +52,57 @@ __all__ = [
     "gather_chains",
     "all_gather",
     "mean_over_chains",
+    "DEFAULT_TIMEOUT",
+    "DistributedTimeoutError",
+    "check_timeout",
 ]
 
 T = TypeVar("T")
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("pbnn_data_parallel", default=False)
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds a rank waits for the others in one collective before the job ends with an error."""
+
+_TIMEOUT: contextvars.ContextVar[float] = contextvars.ContextVar("pbnn_timeout", default=DEFAULT_TIMEOUT)
+
+
+class DistributedTimeoutError(RuntimeError):
+    """A collective did not complete within the timeout (or failed): another rank stopped,
+    crashed, is stuck, or called ``pbnn.fit`` with other arguments."""
+
+
+def check_timeout(timeout: float | None) -> float:
+    """The timeout in seconds (None: :data:`DEFAULT_TIMEOUT`); a ValueError unless a finite
+    positive number.
+
+    Example:
+        >>> check_timeout(None), check_timeout(5)
+        (300.0, 5.0)
+    """
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (0 < timeout < math.inf):
+        raise ValueError(
+            f"timeout must be a positive number of seconds (the longest a rank waits for the others "
+            f"in one collective), got {timeout!r}; e.g. timeout=600, or leave it out for {DEFAULT_TIMEOUT:g} s"
+        )
+    return float(timeout)
+
+
+def _run(op: str, start: Callable[[], Any]) -> None:
+    """Start a collective (``start()`` calls it with ``async_op=True``) and wait for it at most
+    the current timeout; a :class:`DistributedTimeoutError` if it fails or times out."""
+    timeout = _TIMEOUT.get()
+    try:
+        start().wait(datetime.timedelta(seconds=timeout))
+    except RuntimeError as err:
+        raise DistributedTimeoutError(
+            f"pbnn.distributed: {op} on rank {dist.get_rank()} of {dist.get_world_size()} failed or did not "
+            f"complete within timeout={timeout:g} s: another rank stopped, crashed or is stuck, or the ranks called "
+            "pbnn.fit with different arguments (every rank must make the same call). If a rank legitimately "
+            f"needs longer between collectives, pass a larger timeout=. ({err})"
+        ) from err
 
 
 def _group_ready() -> bool:
@@ -70,15 +130,23 @@ def in_context() -> bool:
 
 
 @contextlib.contextmanager
-def data_parallel(backend: str | None = None):
+def data_parallel(backend: str | None = None, timeout: float | None = None):
     """Run pbnn's trainers data-parallel over the ranks of the default process group (created
-    from torchrun's environment if needed: gloo on CPU, NCCL with CUDA; else a single process)."""
+    from torchrun's environment if needed: gloo on CPU, NCCL with CUDA, with
+    ``init_process_group(timeout=timeout)``; else a single process). Each collective inside
+    waits at most ``timeout`` seconds (None: :data:`DEFAULT_TIMEOUT`) for the other ranks, then
+    raises :class:`DistributedTimeoutError` (module docstring)."""
+    seconds = check_timeout(timeout)
     if not _group_ready() and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
-    token = _ACTIVE.set(True)
+        dist.init_process_group(
+            backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+            timeout=datetime.timedelta(seconds=seconds),
+        )
+    token, timeout_token = _ACTIVE.set(True), _TIMEOUT.set(seconds)
     try:
         yield
     finally:
+        _TIMEOUT.reset(timeout_token)
         _ACTIVE.reset(token)
 
 
@@ -87,7 +155,7 @@ def allreduce_sum_(tensors: list[torch.Tensor]) -> None:
     if not is_active() or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    _run("all_reduce", lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True))
     pos = 0
     for t in tensors:
         t.copy_(flat[pos : pos + t.numel()].view_as(t))
@@ -99,7 +167,7 @@ def broadcast_seed(seed: int | None) -> int | None:
     if not is_active() or seed is not None:
         return seed
     t = torch.randint(0, 2**62, (1,))
-    dist.broadcast(t, src=0)
+    _run("broadcast", lambda: dist.broadcast(t, src=0, async_op=True))
     return int(t.item())
 
 
@@ -171,8 +239,19 @@ def all_gather(obj: T) -> list[T]:
     """
     if not is_active():
         return [obj]
-    parts: list[Any] = [None] * world_size()
-    dist.all_gather_object(parts, obj)
+    # As dist.all_gather_object (pickle, all_gather of the sizes, then of the padded bytes), but
+    # with async collectives waited on under the timeout. The bytes come from this job's ranks.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    size = torch.tensor([len(data)], device=device)
+    _run("all_gather", lambda: dist.all_gather(sizes, size, async_op=True))
+    longest = int(max(int(n.item()) for n in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: len(data)] = data.to(padded.device)
+    out = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in sizes]
+    _run("all_gather", lambda: dist.all_gather(out, padded, async_op=True))
+    parts: list[Any] = [pickle.loads(o[: int(n.item())].cpu().numpy().tobytes()) for o, n in zip(out, sizes)]
     return parts
 
 
