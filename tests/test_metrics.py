@@ -396,3 +396,67 @@ def test_bad_input_raises_value_error():
         metrics.nll(pbnn.Prediction(logits, Categorical(logits=logits)), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="x=None"):
         pbnn.evaluate(reg, torch.zeros(3, 1), torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------- issue 27: floor and bad inputs
+def test_nll_of_a_prediction_agrees_with_its_probs_and_honours_the_floor():
+    # two draws, both sure of class 0; the label of point 0 is 1: its mixture probability is
+    # ~e^-370 (-370 nats unfloored), floored at PROB_FLOOR it costs -log(1e-12) = 27.6 nats
+    logits = torch.tensor([[[370.0, 0.0], [0.0, 2.0]], [[380.0, 0.0], [0.0, 2.0]]])
+    pred = pbnn.Prediction(logits, Categorical(logits=logits))
+    y = torch.tensor([1, 1])
+    expected = (-math.log(metrics.PROB_FLOOR) - math.log(torch.sigmoid(torch.tensor(2.0)).item())) / 2
+    assert metrics.nll(pred, y) == pytest.approx(expected, rel=1e-6)
+    assert metrics.nll(pred, y) == metrics.nll(pred.probs, y)
+    assert pbnn.evaluate(pred, None, y)["nll"] == metrics.nll(pred.probs, y)
+    bern = pbnn.Prediction(logits[..., :1] * 0 + 400.0, Bernoulli(logits=torch.full((2, 2), 400.0)))
+    assert metrics.nll(bern, torch.tensor([0, 1])) == pytest.approx(-math.log(metrics.PROB_FLOOR) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="moment_matched=True is for regression"):
+        metrics.nll(pred, y, moment_matched=True)
+
+
+def test_regression_metrics_refuse_targets_of_the_wrong_length():
+    pred = pbnn.Prediction(torch.zeros(2, 5, 1), Normal(torch.zeros(2, 5), 1.0))
+    for fn in (metrics.rmse, metrics.nll, metrics.coverage, metrics.crps, metrics.pit):
+        for y in (torch.zeros(1), torch.zeros(10), torch.zeros(5, 2)):  # no broadcasting, no reshaping across points
+            with pytest.raises(ValueError, match=r"targets have shape .* prediction is for shape \(5,\)"):
+                fn(pred, y)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metrics.rmse(pred, torch.tensor([0.0, 1.0, float("nan"), 0.0, 0.0]))
+    assert metrics.rmse(pred, torch.ones(5, 1)) == metrics.rmse(pred, torch.ones(5)) == 1.0
+
+
+def test_evaluate_checks_what_it_is_given(make_net):
+    pred = pbnn.Prediction(torch.zeros(2, 5, 1), Normal(torch.zeros(2, 5), 1.0))
+    with pytest.raises(ValueError, match=r"targets have shape \(1,\)"):
+        pbnn.evaluate(pred, None, torch.zeros(1))
+    with pytest.raises(ValueError, match="needs a pbnn.Posterior .* or a pbnn.Prediction .* got Tensor"):
+        pbnn.evaluate(torch.zeros(5), None, torch.zeros(5))
+    with pytest.raises(ValueError, match="num_bins must be a positive integer"):
+        pbnn.evaluate(pred, None, torch.zeros(5), num_bins=0)
+    cls = pbnn.Prediction(torch.zeros(2, 4, 3), Categorical(logits=torch.zeros(2, 4, 3)))
+    with pytest.raises(ValueError, match=r"non-integer value 1.5 at point 2"):
+        pbnn.evaluate(cls, None, torch.tensor([0.0, 1.0, 1.5, 2.0]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 3\).*\[0, 3\]"):
+        pbnn.evaluate(cls, None, torch.tensor([0, 1, 3, 2]))
+    with pytest.raises(ValueError, match=r"shape \[N\] = \[4\]"):
+        pbnn.evaluate(cls, None, torch.tensor([0, 1, 2]))
+    post = pbnn.fit(pbnn.BNN(make_net()), torch.randn(8, 1), torch.randn(8), method="map", num_steps=5, progress=False)
+    with pytest.raises(ValueError, match=r"pass x\[:, None\]"):
+        pbnn.evaluate(post, torch.randn(5), torch.randn(5))
+
+
+def test_calibration_fits_check_labels_and_shapes():
+    logits = torch.zeros(4, 3)
+    for cal in (pbnn.calibration.TemperatureScaling(), pbnn.calibration.VectorScaling()):
+        with pytest.raises(ValueError, match=r"lie in \[0, 3\)"):
+            cal.fit(logits, torch.tensor([0, 1, 2, 3]))
+        with pytest.raises(ValueError, match="non-integer value"):
+            cal.fit(logits, torch.tensor([0.0, 1.0, 2.5, 1.0]))
+        with pytest.raises(ValueError, match=r"shape \[N\] = \[4\]"):
+            cal.fit(logits, torch.tensor([0, 1, 2]))
+        with pytest.raises(ValueError, match="logits must have shape"):
+            cal.fit(torch.zeros(4), torch.tensor([0, 1, 1, 0]))
+    pred = pbnn.Prediction(torch.zeros(1, 5, 1), Normal(torch.zeros(1, 5), 1.0))
+    with pytest.raises(ValueError, match=r"targets have shape \(1,\)"):
+        pbnn.calibration.VarianceScaling().fit(pred, torch.zeros(1))

@@ -1,3 +1,4 @@
+import math
 import resource
 
 import pyro.distributions as dist
@@ -94,3 +95,81 @@ def test_predict_with_more_draws_uses_the_fitted_distribution(make_net):
     assert post.predict(x, num_samples=50).num_draws == 50
     a = post.predict(x, num_samples=50, seed=3).samples
     assert torch.equal(a, post.predict(x, num_samples=50, seed=3).samples)
+
+
+# ----------------------------------------------------------------------------- bad targets (issue 27)
+def _categorical(n=5, c=3):
+    logits = torch.randn(4, n, c, generator=torch.Generator().manual_seed(0))
+    return pbnn.Prediction(logits, dist.Categorical(logits=logits))
+
+
+@pytest.mark.parametrize(
+    "y, match",
+    [
+        (torch.tensor([2.9, 0.0, 1.0, 1.0, 0.0]), r"whole numbers.*2\.9.*point 0"),  # was scored as class 2
+        (torch.tensor([1.0, -0.5, 1.0, 1.0, 0.0]), r"whole numbers.*-0\.5.*point 1"),  # was scored as class 0
+        (torch.tensor([0, 1, 3, 1, 0]), r"\[0, 3\) for 3 classes.*\[0, 3\]"),
+        (torch.tensor([0, -1, 2, 1, 0]), r"\[0, 3\) for 3 classes.*\[-1, 2\]"),
+        (torch.tensor([[0], [1], [2], [1], [0]]), r"shape \[5\].*\(5, 1\).*y\[:, 0\]"),  # was an [N, N] table
+        (torch.tensor([1]), r"shape \[5\].*\(1,\)"),
+        (torch.tensor([0, 1, 2, 1]), r"shape \[5\].*\(4,\)"),
+        (torch.tensor([0.0, float("nan"), 1.0, 1.0, 0.0]), "whole numbers"),
+    ],
+)
+def test_log_prob_refuses_bad_class_labels(y, match):
+    pred = _categorical()
+    with pytest.raises(ValueError, match=match):
+        pred.log_prob(y)
+    with pytest.raises(ValueError, match=match):
+        pred.pointwise_log_likelihood(y)
+
+
+def test_log_prob_accepts_whole_float_labels_and_bernoulli_checks():
+    pred = _categorical()
+    y = torch.tensor([0, 1, 2, 1, 0])
+    assert torch.equal(pred.log_prob(y.double()), pred.log_prob(y))
+    logits = torch.zeros(2, 3)
+    bern = pbnn.Prediction(logits[..., None], dist.Bernoulli(logits=logits))
+    assert torch.allclose(bern.log_prob(torch.tensor([0, 1, 1])), torch.full((3,), -math.log(2)))
+    with pytest.raises(ValueError, match=r"\[0, 2\) for 2 classes"):
+        bern.log_prob(torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match="whole numbers"):
+        bern.log_prob(torch.tensor([0.0, 0.5, 1.0]))
+
+
+def test_log_prob_refuses_regression_targets_of_the_wrong_length():
+    pred = pbnn.Prediction(torch.zeros(2, 5, 1), dist.Normal(torch.zeros(2, 5), 1.0))
+    for y in (torch.zeros(1), torch.zeros(4), torch.zeros(5, 2), torch.zeros(1, 5)):
+        with pytest.raises(ValueError, match=r"shape \[5\] to match the 5 predicted point"):
+            pred.log_prob(y)
+    # the documented forms still score: [N] and, for one output, [N, 1]
+    assert torch.equal(pred.log_prob(torch.zeros(5, 1)), pred.log_prob(torch.zeros(5)))
+    assert torch.allclose(pred.log_prob([0.0] * 5), torch.full((5,), -0.5 * math.log(2 * math.pi)))
+
+
+@pytest.mark.parametrize("prob, match", [(0, "strictly in"), (1.0, "strictly in"), (90, "pass 0.9"), ("x", "a number")])
+def test_interval_and_quantile_refuse_bad_probabilities(prob, match):
+    pred = pbnn.Prediction(torch.zeros(2, 5, 1), dist.Normal(torch.zeros(2, 5), 1.0))
+    with pytest.raises(ValueError, match=match):
+        pred.interval(prob)
+    with pytest.raises(ValueError, match=match.replace("pass 0.9", "strictly")):
+        pred.quantile(prob)
+    with pytest.raises(ValueError, match="strictly in"):
+        _categorical().interval(float("nan"))
+
+
+def test_predict_checks_inputs_against_the_training_inputs():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(12, 2)
+    post = pbnn.fit(pbnn.BNN(net), x, x[:, 0], method="map", num_steps=5, progress=False, seed=0)
+    with pytest.raises(ValueError, match=r"x has shape \(6, 3\).*fitted on inputs of shape \(12, 2\).*same 2 feature"):
+        post.predict(torch.randn(6, 3))  # was a raw bmm RuntimeError
+    with pytest.raises(ValueError, match=r"x has shape \(6,\)"):
+        post.predict(torch.randn(6))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        post.predict(torch.full((3, 2), float("nan")))
+    assert post.predict(torch.randn(6, 2)).mean.shape == (6,)
+    one = pbnn.fit(pbnn.BNN(torch.nn.Linear(1, 1)), x[:, :1], x[:, 0], method="map", num_steps=5, progress=False)
+    with pytest.raises(ValueError, match=r"pass x\[:, None\] \(shape \[6, 1\]\)"):
+        one.predict(torch.randn(6))

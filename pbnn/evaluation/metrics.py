@@ -103,10 +103,20 @@ def _labels(y, n: int, num_classes: int) -> torch.Tensor:
     if y.dim() == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.dim() != 1 or y.shape[0] != n:
-        raise ValueError(f"labels must have shape [N] = [{n}] to match the predictions, got {tuple(y.shape)}")
+        raise ValueError(
+            f"labels must have shape [N] = [{n}] to match the predictions, got {tuple(y.shape)}; "
+            "pass one class index per predicted point"
+        )
+    if y.is_complex():
+        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
     if y.is_floating_point():
-        if not torch.all(y == torch.round(y)):
-            raise ValueError("labels must be integer class indices, got non-integer values")
+        bad = ~torch.isfinite(y) | (y != torch.round(y))
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"labels must be integer class indices, got non-integer value {y[i].item()!r} at point {i}; "
+                "pass integer labels (they are never truncated)"
+            )
     elif y.dtype == torch.bool:
         y = y.long()
     y = y.long()
@@ -129,11 +139,24 @@ def _regression(pred, what: str) -> Prediction:
 
 
 def _targets(pred: Prediction, y) -> torch.Tensor:
-    """Targets in the shape of the predictive mean (``[N]`` or ``[N, D]``)."""
+    """Targets in the shape of the predictive mean (``[N]`` or ``[N, D]``).
+
+    ``[N, 1]`` is accepted for a single output (and ``[N]`` for ``[N, 1]``); any other shape
+    is a ValueError: targets are never broadcast against the points or reshaped across them.
+    """
     mean = pred.mean
-    y = torch.as_tensor(np.asarray(y), dtype=mean.dtype)
-    if y.numel() != mean.numel():
-        raise ValueError(f"targets have shape {tuple(y.shape)} but the prediction is for shape {tuple(mean.shape)}")
+    y = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+    if y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"regression targets must be real numbers, got dtype {y.dtype}")
+    y = y.to(mean.dtype)
+    shape, want = tuple(y.shape), tuple(mean.shape)
+    if shape != want and not (y.numel() == mean.numel() and shape[:1] == want[:1] and 1 in (shape + want)[1:]):
+        raise ValueError(
+            f"targets have shape {shape} but the prediction is for shape {want}; pass one target per "
+            f"point ({want[0]} point(s)), in the shape of pred.mean"
+        )
+    if not torch.isfinite(y).all():
+        raise ValueError("targets contain NaN or inf; drop those points before scoring")
     return y.reshape(mean.shape)
 
 
@@ -148,28 +171,28 @@ def rmse(pred: Prediction, y: torch.Tensor) -> float:
         >>> pbnn.metrics.rmse(pred, torch.tensor([3.0, -3.0]))
         3.0
     """
-    y = torch.as_tensor(y, dtype=pred.mean.dtype).reshape(pred.mean.shape)
+    y = _targets(_regression(pred, "rmse"), y)
     return float((pred.mean - y).pow(2).mean().sqrt())
 
 
 def nll(pred, y: torch.Tensor, *, moment_matched: bool = False) -> float:
     """Mean negative log density of the predictive mixture over draws (``moment_matched=True``:
-    of a Gaussian with its mean and variance). Class probabilities are floored at ``PROB_FLOOR``.
+    of a Gaussian with its mean and variance). Class probabilities are floored at ``PROB_FLOOR``,
+    for a classification Prediction too: ``nll(pred, y) == nll(pred.probs, y)``.
 
     Example:
         >>> import pbnn
         >>> round(pbnn.metrics.nll([[0.5, 0.5], [0.2, 0.8]], [0, 1]), 4)   # (log 2 - log 0.8) / 2
         0.4581
     """
-    if not isinstance(pred, Prediction):
-        p, y = _probs_labels(pred, y)
+    if not isinstance(pred, Prediction) or pred.is_classification:
+        if moment_matched:
+            raise ValueError("moment_matched=True is for regression; a classification NLL is already exact")
+        p, y = _probs_labels(pred, y)  # the mixture's probabilities, floored like any others
         return float(-p.gather(1, y[:, None]).clamp_min(PROB_FLOOR).log().mean()) if len(y) else float("nan")
+    y = _targets(pred, y)
     if moment_matched:
-        pred = _regression(pred, "a moment-matched NLL")
-        y = _targets(pred, y)
         return float(-torch.distributions.Normal(pred.mean, pred.stddev).log_prob(y).mean())
-    if pred.is_classification:
-        y = _labels(y, *class_probs(pred).shape)
     return float(-pred.log_prob(y).mean())
 
 
@@ -183,8 +206,9 @@ def coverage(pred: Prediction, y: torch.Tensor, prob: float = 0.9) -> float:
         >>> round(pbnn.metrics.coverage(pred, torch.tensor([0.0, 1.0, 2.0]), 0.9), 4)   # interval +-1.645
         0.6667
     """
+    pred = _regression(pred, "coverage")
+    y = _targets(pred, y)
     lo, hi = pred.interval(prob)
-    y = torch.as_tensor(y, dtype=lo.dtype).reshape(lo.shape)
     return float(((y >= lo) & (y <= hi)).float().mean())
 
 
@@ -618,10 +642,15 @@ def evaluate(post, x, y, *, num_samples: int | None = None, num_bins: int = 15, 
         if x is not None:
             raise ValueError("evaluate got a Prediction and inputs x; pass x=None with a Prediction")
         pred = post
-    else:
+    elif isinstance(post, Posterior):
         if x is None:
             raise ValueError("evaluate needs the test inputs x to predict with a Posterior")
         pred = post.predict(x, num_samples, seed=seed)
+    else:
+        raise ValueError(
+            f"evaluate needs a pbnn.Posterior (with x) or a pbnn.Prediction (with x=None), got {type(post).__name__}"
+        )
+    _check_bins(num_bins)
     if pred.is_classification:
         p, labels = _probs_labels(pred, y)
         return {

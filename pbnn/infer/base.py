@@ -34,7 +34,7 @@ from typing import ClassVar
 import pyro
 import torch
 
-from pbnn.core.data import Data, validate
+from pbnn.core.data import Data, FitWarning, scale_warning, validate
 from pbnn.core.options import (
     Options,
     check_positive_int,
@@ -63,6 +63,8 @@ __all__ = [
     "ChainOptions",
     "accepts_subsample",
     "check_positive_int",
+    "loss_warning",
+    "stuck_chain_warning",
 ]
 
 BACKENDS: dict[str, type[Backend]] = {}
@@ -93,10 +95,12 @@ class Backend:
                 data = validate(model, *data)
             potential = Potential(model, data)
         potential.require(self.name, self.model_kinds)
+        scale_warning(potential.model, potential.data)
         start = time.perf_counter()
         with seeded(broadcast_seed(getattr(self, "seed", None))), pyro.get_param_store().scope():
             post = self.run(potential)
         post.info.setdefault("wall_time", time.perf_counter() - start)
+        loss_warning(post.info.get("losses"), self.name)
         return post
 
     def run(self, potential: Potential) -> Posterior:
@@ -111,6 +115,69 @@ class Backend:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
+
+
+def loss_warning(losses, method: str) -> str | None:
+    """Warn (:class:`pbnn.core.data.FitWarning`, a UserWarning) when the training loss rose.
+
+    Compares the medians of the first and last tenth of the recorded losses (at least 20
+    steps; a per-member table ``[steps, members]`` is averaged over members) with a margin
+    of two robust standard errors (from the median absolute deviation), so neither the
+    noise of a stochastic ELBO nor one early spike triggers it or hides a rise. A loss
+    that rose means the fit is worse than its initialisation: almost always a learning
+    rate that is too high. Returns the message, or None.
+    """
+    if losses is None:
+        return None
+    try:
+        t = torch.as_tensor(losses, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        return None  # ragged or non-numeric: nothing to compare
+    if t.dim() == 2:
+        t = t.mean(1)
+    if t.dim() != 1 or len(t) < 20 or not torch.isfinite(t).all():
+        return None
+    k = max(2, len(t) // 10)
+    first, last = t[:k].median(), t[-k:].median()
+
+    def spread(w: torch.Tensor) -> torch.Tensor:
+        return 1.4826 * (w - w.median()).abs().median()
+
+    margin = 2 * (spread(t[:k]) + spread(t[-k:])) / k**0.5
+    if float(last) <= float(first + margin):
+        return None
+    msg = (
+        f"{method}: the training loss ended above where it started (median of the first {k} steps "
+        f"{float(first):.4g}, of the last {k} {float(last):.4g}): this fit is worse than its "
+        "initialisation. Lower the learning rate (lr) by 10x, and standardise x and y"
+    )
+    warnings.warn(msg, FitWarning, stacklevel=3)
+    return msg
+
+
+def stuck_chain_warning(draws: torch.Tensor, method: str, min_moved: float = 0.01) -> str | None:
+    """Warn (:class:`pbnn.core.data.FitWarning`) when a chain's draws ``[C, S, D]`` never moved.
+
+    The fraction of consecutive kept draws that differ estimates the acceptance rate
+    (thinned: of at least one acceptance in between); below ``min_moved`` the chain is
+    stuck at its start (a step size or proposal scale far too large) and its "posterior"
+    is one point repeated. Returns the message, or None.
+    """
+    if draws.dim() < 2 or draws.shape[1] < 2:
+        return None
+    moved = (draws[:, 1:] != draws[:, :-1]).reshape(draws.shape[0], draws.shape[1] - 1, -1).any(-1)
+    rate = moved.double().mean(1)
+    stuck = (rate < min_moved).nonzero().flatten().tolist()
+    if not stuck:
+        return None
+    msg = (
+        f"{method}: {len(stuck)} of {draws.shape[0]} chain(s) never moved (chains {stuck[:5]}: "
+        f"{float(rate[stuck].max()):.1%} of {draws.shape[1] - 1} transitions changed the draw, "
+        "acceptance ~0): their draws are one point repeated, not a posterior. Lower the step size "
+        "/ proposal scale (or let warmup adapt it) and check the data are standardised"
+    )
+    warnings.warn(msg, FitWarning, stacklevel=3)
+    return msg
 
 
 # ---------------------------------------------------------------------------- option groups
@@ -199,6 +266,7 @@ class ChainOptions(Options):
         values (and, with ``warn``, the convergence diagnostics)."""
         info = {**result.final, **info}
         if self.warn:
+            stuck_chain_warning(result.draws, label)
             info["diagnostics"] = convergence_warning(result.draws, diverging, label)
         samples = {k: v.detach() for k, v in potential.layout.constrain(result.draws).items()}
         return self.posterior(potential, samples, sample_stats=result.stats, fixed=fixed, info=info)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from pbnn.core.data import Data, as_tensor
+from pbnn.core.data import Data, check_inputs
 from pbnn.core.model import BNN
 from pbnn.engine.optim import atomic_save
 from pbnn.posterior import serialization
@@ -124,8 +124,14 @@ class Posterior:
                 taken evenly spaced; more are drawn fresh when the posterior keeps a fitted
                 distribution (SVI, Laplace).
             seed: seed for fresh draws.
+
+        Raises:
+            ValueError: when the rows of ``x`` do not have the shape of the training inputs
+                (e.g. a different number of features, or 1-D ``x`` for a one-feature model:
+                pass ``x[:, None]``), or ``x`` holds NaN / inf.
         """
-        x = as_tensor(x, "x", float_only=True)
+        train = getattr(self.data, "x", None)
+        x = check_inputs(x, train if isinstance(train, torch.Tensor) else None)
         draws = self._draws(num_samples, seed)
         if self.predictor is not None:
             return self.predictor(self, draws, x)

@@ -22,6 +22,7 @@ import copy
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -50,6 +51,18 @@ def _base(d: Distribution) -> tuple[Distribution, int]:
         n += d.reinterpreted_batch_ndims
         d = d.base_dist
     return d, n
+
+
+def _probability(p, name: str) -> float:
+    """``p`` as a float strictly inside (0, 1), or a ValueError naming the fix."""
+    try:
+        value = float(p)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a number in (0, 1), e.g. 0.9 for a 90% interval; got {p!r}") from None
+    if not 0 < value < 1:
+        hint = f" (a percentage? pass {value / 100:g})" if 1 < value < 100 else ""
+        raise ValueError(f"{name} must lie strictly in (0, 1), e.g. 0.9 for a 90% interval; got {p!r}{hint}")
+    return value
 
 
 class Prediction:
@@ -151,24 +164,62 @@ class Prediction:
 
     # ---------------------------------------------------------------- densities
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        """Pointwise log predictive density ``log (1/S) sum_s p(y_i | x_i, theta_s)``, ``[N]``."""
+        """Pointwise log predictive density ``log (1/S) sum_s p(y_i | x_i, theta_s)``, ``[N]``.
+
+        ``y`` is checked as in :meth:`pointwise_log_likelihood` (shape, label dtype and range).
+        """
         lp = self.pointwise_log_likelihood(y)
         return torch.logsumexp(lp, 0) - math.log(lp.shape[0])
 
     def pointwise_log_likelihood(self, y: torch.Tensor) -> torch.Tensor:
-        """``log p(y_i | x_i, theta_s)`` for every draw and point, ``[S, N]``."""
-        y = torch.as_tensor(y)
+        """``log p(y_i | x_i, theta_s)`` for every draw and point, ``[S, N]``.
+
+        ``y`` must hold one target per point: ``[N]`` (``[N, 1]`` is accepted for a single
+        regression output), ``[N, D]`` for ``D`` outputs; class labels ``[N]`` of whole
+        numbers in ``[0, C)`` (``{0, 1}`` for Bernoulli). Anything else is a ValueError
+        (never truncated to an integer or broadcast against the points).
+        """
+        return self.conditional.log_prob(self._check_targets(y))
+
+    def _check_targets(self, y) -> torch.Tensor:
+        """``y`` in the dtype and shape ``conditional.log_prob`` takes, or a ValueError."""
+        if not isinstance(y, torch.Tensor):
+            y = torch.as_tensor(np.asarray(y))
+        if y.is_complex() or y.dtype == torch.bool and not self.is_classification:
+            raise ValueError(f"targets must be real numbers (class indices for classification), got dtype {y.dtype}")
         d, _ = _base(self.conditional)
-        if isinstance(d, dist.Categorical):
-            y = y.long()
-        elif isinstance(d, dist.Bernoulli):
-            y = y.to(d.logits.dtype)
-        else:
-            y = y.to(self.samples.dtype)
-            event = self.conditional.event_shape
-            if y.dim() == len(event) + 2 and y.shape[-1] == 1 and not event:
-                y = y[..., 0]
-        return self.conditional.log_prob(y)
+        expected = tuple(self.conditional.batch_shape[1:] + self.conditional.event_shape)
+        n = expected[0] if expected else 1
+        if isinstance(d, (dist.Categorical, dist.Bernoulli)):
+            num = d.logits.shape[-1] if isinstance(d, dist.Categorical) else 2
+            if tuple(y.shape) != expected:
+                raise ValueError(
+                    f"class labels must have shape {list(expected)} (one label per point), got {tuple(y.shape)}"
+                    + ("; pass y[:, 0] or y.reshape(-1)" if y.dim() == 2 and y.shape[-1] == 1 else "")
+                )
+            if y.is_floating_point():
+                bad = ~torch.isfinite(y) | (y != torch.round(y))
+                if bad.any():
+                    i = int(bad.reshape(-1).nonzero()[0, 0])
+                    raise ValueError(
+                        f"class labels must be whole numbers (class indices), got {y.reshape(-1)[i].item()!r} at "
+                        f"point {i}; pass integer labels (y.long() only if they are already whole numbers)"
+                    )
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num):
+                raise ValueError(
+                    f"class labels must lie in [0, {num}) for {num} classes; found labels in "
+                    f"[{int(y.min())}, {int(y.max())}]"
+                )
+            return y.long() if isinstance(d, dist.Categorical) else y.to(d.logits.dtype)
+        y = y.to(self.samples.dtype)
+        if tuple(y.shape) != expected and tuple(y.shape) == expected + (1,) and not self.conditional.event_shape:
+            y = y[..., 0]  # [N, 1] for a single output: the canonical [N]
+        if tuple(y.shape) != expected:
+            raise ValueError(
+                f"targets must have shape {list(expected)} to match the {n} predicted point(s), got "
+                f"{tuple(y.shape)}; pass one target per point (no broadcasting)"
+            )
+        return y
 
     def sample(self, num_per_draw: int = 1) -> torch.Tensor:
         """Predictive draws of ``y``: ``[num_per_draw * S, N, ...]``."""
@@ -185,6 +236,7 @@ class Prediction:
         """Quantile ``q`` of the predictive mixture (bisection on its CDF), regression only."""
         if self.is_classification:
             raise ValueError("quantile is defined for regression; for classification use interval()")
+        q = _probability(q, "q")
         d, _ = _base(self.conditional)
         mean, sd = d.mean, d.stddev
         lo = (mean - 12 * sd).min(0).values
@@ -202,8 +254,7 @@ class Prediction:
         Regression: of the predictive distribution of ``y`` (noise included).
         Classification: the central credible interval of the class probabilities over draws.
         """
-        if not 0 < prob < 1:
-            raise ValueError(f"prob must lie in (0, 1), got {prob}")
+        prob = _probability(prob, "prob")
         a = (1 - prob) / 2
         if self.is_classification:
             p = self._per_draw_moments()[0]
