@@ -64,6 +64,16 @@ def test_divergent_fit_is_reported(reg_model):
         pbnn.fit(reg_model, x, y, method="map", num_steps=50, lr=1e6, progress=False)
 
 
+def test_svi_with_a_huge_learning_rate_names_the_fix():
+    """NaN guide parameters fail inside torch's constraint check: pbnn says what happened and the fix."""
+    torch.manual_seed(0)
+    x = torch.randn(50, 1)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    with pytest.raises(ValueError, match=r"parameters became NaN or inf at step \d+; lower the learning rate") as err:
+        pbnn.fit(pbnn.BNN(net), x, torch.sin(x[:, 0]), method="svi", lr=10, num_steps=300, progress=False, seed=0)
+    assert "Parameter containing" not in str(err.value)  # no tensor dump
+
+
 # ----------------------------------------------------------------------------- issue 27: inputs and useless fits
 def test_one_dimensional_x_names_the_fix():
     net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))

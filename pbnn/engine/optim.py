@@ -246,13 +246,16 @@ def _loop(step, num_steps, n, batch_size, *, desc, progress, loss_name, start=0,
     batches = BatchSchedule(n, batch_size, seed) if batch_size else None
     losses = list(losses)
     bar = tqdm(range(start, num_steps), desc=desc, disable=not progress, leave=False, initial=start, total=num_steps)
+    advice = "lower the learning rate (lr=...), standardise x and y, or check the prior and likelihood scales"
     for t in bar:
-        loss = float(step(t, batches(t) if batches else None))
+        try:
+            loss = float(step(t, batches(t) if batches else None))
+        except ValueError as err:  # a distribution built from diverged (NaN) parameters
+            if "Expected parameter" not in str(err):
+                raise
+            raise ValueError(f"{desc}: the parameters became NaN or inf at step {t}; {advice}") from None
         if not math.isfinite(loss):
-            raise ValueError(
-                f"{desc}: the {loss_name} became {loss} at step {t}; lower the learning rate "
-                "(lr=...), standardise x and y, or check the prior and likelihood scales"
-            )
+            raise ValueError(f"{desc}: the {loss_name} became {loss} at step {t}; {advice}")
         losses.append(loss)
         if t % 50 == 0 or t == num_steps - 1:
             bar.set_postfix({loss_name: f"{loss:.4g}"})
