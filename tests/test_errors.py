@@ -3,7 +3,7 @@ import torch
 
 import pbnn
 from pbnn.core.data import Data, FitWarning, scale_warning
-from pbnn.infer.base import loss_warning, stuck_chain_warning
+from pbnn.infer.base import baseline_warning, loss_warning, stuck_chain_warning
 
 
 @pytest.fixture
@@ -133,3 +133,21 @@ def test_chains_that_never_moved_warn(make_net):
     moving[1] = moving[1, :1]
     with pytest.warns(FitWarning, match=r"MH: 1 of 2 chain\(s\) never moved \(chains \[1\]"):
         stuck_chain_warning(moving, "MH")
+
+
+def test_fit_worse_than_the_mean_warns():
+    """The issue's MAP with lr=10: 16x worse than predicting the mean of y; a good fit is silent."""
+    from pbnn.datasets import gap_regression
+
+    d = gap_regression()
+
+    def fit(lr):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(1, 50), torch.nn.Tanh(), torch.nn.Linear(50, 1))
+        return pbnn.fit(pbnn.BNN(net), d["x_train"], d["y_train"], method="map", lr=lr, progress=False, seed=0)
+
+    with pytest.warns(FitWarning, match="worse than their mean does"):
+        fit(10.0)
+    post = fit(0.01)
+    potential = pbnn.potential.Potential(post.model, post.data)
+    assert baseline_warning(post, potential, "map") is None

@@ -101,6 +101,7 @@ class Backend:
             post = self.run(potential)
         post.info.setdefault("wall_time", time.perf_counter() - start)
         loss_warning(post.info.get("losses"), self.name)
+        baseline_warning(post, potential, self.name)
         return post
 
     def run(self, potential: Potential) -> Posterior:
@@ -150,6 +151,33 @@ def loss_warning(losses, method: str) -> str | None:
         f"{method}: the training loss ended above where it started (median of the first {k} steps "
         f"{float(first):.4g}, of the last {k} {float(last):.4g}): this fit is worse than its "
         "initialisation. Lower the learning rate (lr) by 10x, and standardise x and y"
+    )
+    warnings.warn(msg, FitWarning, stacklevel=3)
+    return msg
+
+
+def baseline_warning(post: Posterior, potential: Potential, method: str, rows: int = 256) -> str | None:
+    """Warn (:class:`pbnn.core.data.FitWarning`) when a BNN's predictive mean fits its training
+    targets worse than their mean does (mean squared error above the targets' variance).
+
+    A fit cannot be useful then, whatever its uncertainty: MAP with ``lr=10`` on standardised
+    data ends 16x worse than the mean, while even 30 SVI steps from the network's
+    initialisation stay below it. Classification labels (integers) are skipped. Checked on
+    the first ``rows`` training points with at most 16 draws. Returns the message, or None.
+    """
+    y = potential.data.y[:rows]
+    if potential.kind != "bnn" or not y.is_floating_point():
+        return None
+    mean = post.predict(potential.data.x[:rows], num_samples=min(16, post.num_chains * post.num_draws)).mean
+    if mean.shape != y.shape:
+        return None
+    mse, var = float(((mean - y) ** 2).mean()), float(((y - y.mean(0)) ** 2).mean())
+    if not var > 0 or mse <= var:
+        return None
+    msg = (
+        f"{method}: the fit predicts its training targets worse than their mean does (mean squared "
+        f"error {mse:.4g} against their variance {var:.4g}): lower the learning rate (lr) by 10x, "
+        "train longer, and standardise x and y"
     )
     warnings.warn(msg, FitWarning, stacklevel=3)
     return msg
