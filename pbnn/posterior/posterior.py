@@ -251,17 +251,8 @@ class Posterior:
                 raise ValueError("this file holds no model (it was not picklable when saved); pass model=")
             model = serialization.unpickle(stored["pickle"], map_location)
         _check_model(model, stored["signature"], state)
-        return cls(
-            model,
-            state["samples"],
-            data=Data(state["x"], state["y"]),
-            method=state["method"],
-            sample_stats=state["sample_stats"],
-            fixed=state["fixed"],
-            approximation=serialization.decode("approximation", state["approximation"]),
-            predictor=serialization.decode("predictor", state["predictor"]),
-            info=state["info"],
-        )
+        approximation = serialization.decode("approximation", state["approximation"])
+        return cls._from_state(model, state, approximation, serialization.decode("predictor", state["predictor"]))
 
     @classmethod
     def _load_pickle(cls, f, model, map_location) -> Posterior:
@@ -270,6 +261,11 @@ class Posterior:
         model = model if model is not None else state["model"]
         if model is None:
             raise ValueError("this file holds no model (it was not picklable); pass model= to Posterior.load")
+        return cls._from_state(model, state, state["approximation"], state.get("predictor"))
+
+    @classmethod
+    def _from_state(cls, model, state: dict, approximation, predictor) -> Posterior:
+        """A Posterior from a loaded file's fields (both formats), with its decoded extras."""
         return cls(
             model,
             state["samples"],
@@ -277,8 +273,8 @@ class Posterior:
             method=state["method"],
             sample_stats=state["sample_stats"],
             fixed=state["fixed"],
-            approximation=state["approximation"],
-            predictor=state.get("predictor"),
+            approximation=approximation,
+            predictor=predictor,
             info=state["info"],
         )
 
