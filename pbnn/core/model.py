@@ -63,7 +63,12 @@ class BNN(nn.Module):
             ``Gaussian(scale="learned")``).
         bayesian: optional predicate on parameter names; parameters for which it returns
             False stay deterministic (point estimates).
-        last_layer: shortcut for "only the last module with parameters is Bayesian".
+        last_layer: shortcut for "only the last module with trainable parameters is Bayesian".
+
+    Parameters with ``requires_grad=False`` in ``net`` (a frozen pretrained backbone) are
+    ``frozen_names``: neither Bayesian nor deterministic, every backend leaves them exactly as
+    they are (``bayesian=`` cannot select them). ``docs/model.md`` says how BatchNorm
+    statistics are treated.
 
     Example:
         >>> import torch, pbnn
@@ -71,6 +76,10 @@ class BNN(nn.Module):
         >>> m = pbnn.BNN(net, likelihood=pbnn.likelihoods.Categorical(), last_layer=True)
         >>> m.bayesian_names, m.deterministic_names
         (['2.weight', '2.bias'], ['0.weight', '0.bias'])
+        >>> net[0].requires_grad_(False)  # a frozen feature extractor
+        Linear(in_features=2, out_features=4, bias=True)
+        >>> pbnn.BNN(net).frozen_names, pbnn.BNN(net).bayesian_names
+        (['0.weight', '0.bias'], ['2.weight', '2.bias'])
     """
 
     def __init__(
@@ -85,9 +94,16 @@ class BNN(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
-        names = [n for n, _ in net.named_parameters()]
-        if not names:
+        if not any(True for _ in net.parameters()):
             raise ValueError("net has no parameters; a BNN needs at least one weight to put a prior on")
+        # Frozen (requires_grad=False) parameters are read from the net and never sampled or trained.
+        self.frozen_names = [n for n, p in net.named_parameters() if not p.requires_grad]
+        names = [n for n, p in net.named_parameters() if p.requires_grad]
+        if not names:
+            raise ValueError(
+                "every parameter of net has requires_grad=False (frozen), so none can be Bayesian; "
+                "unfreeze the layers to infer, e.g. net[-1].requires_grad_(True)"
+            )
         if bayesian is not None and last_layer:
             raise ValueError("pass either bayesian= or last_layer=True, not both")
         self.net = copy.deepcopy(net)
@@ -103,9 +119,10 @@ class BNN(nn.Module):
         self.prior.set_fan_ins(_fan_ins(self.net))
 
         if last_layer:
-            last_mod = [m for m in self.net.modules() if any(True for _ in m.parameters(recurse=False))][-1]
-            last_ids = {id(p) for p in last_mod.parameters(recurse=False)}
-            is_bayes = {n: id(p) in last_ids for n, p in self.net.named_parameters()}
+            train_ids = {id(p) for n, p in self.net.named_parameters() if n in names}
+            trainable = [m for m in self.net.modules() if any(id(p) in train_ids for p in m.parameters(recurse=False))]
+            last_ids = {id(p) for p in trainable[-1].parameters(recurse=False)}
+            is_bayes = {n: id(p) in last_ids for n, p in self.net.named_parameters() if id(p) in train_ids}
         else:
             is_bayes = {n: (bayesian(n) if bayesian is not None else True) for n in names}
         self.bayesian_names = [n for n in names if is_bayes[n]]

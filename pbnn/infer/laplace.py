@@ -412,7 +412,8 @@ class LaplacePredictor:
             full = {k: v.expand((S,) + tuple(v.shape)) for k, v in post.fixed.items() if k not in det}
             full.update(draws)
             return predict_bnn(model, full, det, x)
-        params = {n: self.mean.get(n, post.fixed.get(n)) for n, _ in model.net.named_parameters()}
+        # frozen parameters are not in either dict: the network's own values are used
+        params = {n: self.mean.get(n, post.fixed.get(n)) for n in model.bayesian_names + model.deterministic_names}
         with torch.no_grad():
             f_mu = model.output(params, x)
         noise = {n: post.fixed[n] for n in model.noise_sites(f_mu.shape[-1])}
