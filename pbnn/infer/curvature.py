@@ -22,7 +22,15 @@ from torch.distributions.transforms import identity_transform
 from pbnn.core import likelihoods as _lik
 from pbnn.core.potential import SiteLayout
 
-__all__ = ["loss_hessian_sqrt", "output_jacobian", "ggn_full", "ggn_diag", "kfac_factors", "linear_layers"]
+__all__ = [
+    "loss_hessian_sqrt",
+    "output_jacobian",
+    "ggn_full",
+    "ggn_diag",
+    "kfac_factors",
+    "kfac_layers",
+    "linear_layers",
+]
 
 SUPPORTED_LIKELIHOODS = (_lik.Gaussian, _lik.MultiTaskGaussian, _lik.Bernoulli, _lik.Categorical)
 CHUNK = 256  # data points per Jacobian / KFAC pass: bounds memory at CHUNK * outputs * D
@@ -119,10 +127,14 @@ def ggn_diag(model, names: list[str], params: dict[str, torch.Tensor], x: torch.
 
 
 # ----------------------------------------------------------------------------- KFAC
-def linear_layers(model, names: list[str]) -> list[tuple[str, str, str | None]]:
+KFAC_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def kfac_layers(model, names: list[str]) -> list[tuple[str, str, str | None]]:
     """``(module prefix, weight name, bias name or None)`` for every layer owning ``names``.
 
-    KFAC needs each parameter in ``names`` to be the weight or bias of an ``nn.Linear``.
+    KFAC needs each parameter in ``names`` to be the weight or bias of an ``nn.Linear`` or an
+    ``nn.Conv2d`` (``groups=1``, zero padding), with weight and bias in ``names`` together.
     """
     owners = {}
     for prefix, mod in model.net.named_modules():
@@ -131,10 +143,15 @@ def linear_layers(model, names: list[str]) -> list[tuple[str, str, str | None]]:
     layers, seen = [], set()
     for n in names:
         prefix, mod = owners[n]
-        if not isinstance(mod, nn.Linear):
+        if not isinstance(mod, KFAC_LAYERS):
             raise ValueError(
-                f"hessian='kfac' supports nn.Linear layers only; parameter {n!r} belongs to a "
+                f"hessian='kfac' supports nn.Linear and nn.Conv2d layers only; parameter {n!r} belongs to a "
                 f"{type(mod).__name__}; use hessian='diag' or 'ggn', or subset='last_layer'"
+            )
+        if isinstance(mod, nn.Conv2d) and (mod.groups != 1 or mod.padding_mode != "zeros"):
+            raise ValueError(
+                f"hessian='kfac' supports nn.Conv2d with groups=1 and padding_mode='zeros'; layer {prefix!r} has "
+                f"groups={mod.groups}, padding_mode={mod.padding_mode!r}; use hessian='diag'"
             )
         if prefix in seen:
             continue
@@ -150,52 +167,90 @@ def linear_layers(model, names: list[str]) -> list[tuple[str, str, str | None]]:
     return layers
 
 
-def kfac_factors(model, names: list[str], params: dict[str, torch.Tensor], x: torch.Tensor, noise: dict) -> dict:
-    """Kronecker factors ``{prefix: (G [out, out], A [in+1, in+1])}`` of the GGN per ``nn.Linear``.
+linear_layers = kfac_layers  # the name before Conv2d support
 
-    With ``a_n`` the layer's input with a trailing 1 (the bias) and ``g_{n,k} = B_n^T L_n[:, k]``
-    (``B_n`` the Jacobian of the output in the layer's pre-activation), the GGN block of the
-    layer's ``[W | b]`` (row-major) is ``sum_n (sum_k g g^T) kron (a a^T)``; KFAC approximates it
-    by ``G kron A`` with ``G = sum_n sum_k g g^T`` and ``A = sum_n a a^T / N``. It is exact for
-    one data point, and whenever ``sum_k g g^T`` is the same for every point: e.g. the last
-    layer with a Gaussian likelihood (``B = I``, ``Lambda = I / sigma^2``).
+
+def _patches(mod: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+    """The layer's inputs as ``[B, T, K]``: ``T`` locations (conv positions, tokens) of ``K`` features
+    each, in the order of the flattened weight's columns."""
+    if isinstance(mod, nn.Conv2d):
+        cols = nn.functional.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # [B, K, T]
+        return cols.transpose(1, 2)
+    return inp.reshape(inp.shape[0], -1, inp.shape[-1])
+
+
+def _locations(out: torch.Tensor, conv: bool) -> torch.Tensor:
+    """An output (or its gradient) as ``[B, T, out]``, locations matching :func:`_patches`."""
+    if conv:
+        return out.flatten(2).transpose(1, 2)
+    return out.reshape(out.shape[0], -1, out.shape[-1])
+
+
+def kfac_factors(model, names: list[str], params: dict[str, torch.Tensor], x: torch.Tensor, noise: dict) -> dict:
+    """Kronecker factors ``{prefix: (G [out, out], A [K+1, K+1])}`` of the GGN per Linear / Conv2d layer.
+
+    With ``a_{n,t}`` the layer's input at location ``t`` (a Conv2d's unfolded patch, a token of a
+    Linear on ``[N, T, in]``, the one row of a Linear on ``[N, in]``) with a trailing 1 (the bias)
+    and ``g_{n,t,k} = B_{n,t}^T L_n[:, k]`` (``B`` the Jacobian of the output in the layer's
+    pre-activation at ``t``), the GGN block of the layer's flattened ``[W | b]`` is
+    ``sum_{n,k} (sum_t g_{n,t,k} kron a_{n,t}) (...)^T``. KFAC (KFC for convolutions, Grosse &
+    Martens 2016, in the "expand" form of laplace-torch / ASDL) approximates it by ``G kron A``
+    with ``G = sum_{n,t,k} g g^T`` and ``A = mean_{n,t} a a^T``. It is exact for one data point and
+    one location, and whenever ``g g^T`` summed over ``k`` is the same for every point and location
+    while distinct locations' ``g`` are orthogonal: e.g. the last layer with a Gaussian
+    likelihood on every output (``B = I``, ``Lambda = I / sigma^2``), per pixel for a Conv2d.
+
+    Example:
+        >>> import torch, pbnn
+        >>> model = pbnn.BNN(torch.nn.Linear(2, 1), likelihood=pbnn.likelihoods.Gaussian(0.5))
+        >>> x = torch.randn(10, 2)
+        >>> G, A = kfac_factors(model, ["weight", "bias"], model.parameter_values(), x, {})[""]
+        >>> float(G), torch.allclose(A[:2, :2], x.T @ x / 10)   # G = N / sigma^2
+        (40.0, True)
     """
-    layers = linear_layers(model, names)
+    layers = kfac_layers(model, names)
     mods = dict(model.net.named_modules())
-    acts: dict[str, torch.Tensor] = {}
-    outs: dict[str, torch.Tensor] = {}
+    acts: dict[str, list[torch.Tensor]] = {}
+    outs: dict[str, list[torch.Tensor]] = {}
 
     def hook(prefix):
         def fn(mod, inp, out):
-            if inp[0].dim() != 2:
-                raise ValueError(f"hessian='kfac' needs 2-D inputs to nn.Linear {prefix!r}, got {tuple(inp[0].shape)}")
-            acts[prefix] = inp[0].detach()
+            if prefix in outs:
+                raise ValueError(
+                    f"hessian='kfac': layer {prefix!r} runs more than once per forward pass (shared weights); "
+                    "use hessian='diag' or 'ggn'"
+                )
+            acts[prefix] = _patches(mod, inp[0].detach())
             outs[prefix] = out
 
         return fn
 
-    factors = {p: [0.0, 0.0] for p, _, _ in layers}
+    factors = {p: [0.0, 0.0, 0] for p, _, _ in layers}  # G, A (sum), number of (point, location) pairs
     live = {n: v.detach().clone().requires_grad_(n in names) for n, v in params.items()}
     handles = [mods[p].register_forward_hook(hook(p)) for p, _, _ in layers]
+    conv = {p: isinstance(mods[p], nn.Conv2d) for p, _, _ in layers}
     was_training = model.net.training
     model.net.eval()
     try:
         for xb in x.split(CHUNK):
+            acts.clear()
+            outs.clear()
             f = model.output(live, xb)
             L = loss_hessian_sqrt(model.likelihood, f.detach(), noise)
             targets = [outs[p] for p, _, _ in layers]
             for k in range(L.shape[-1]):
-                grads = torch.autograd.grad(f, targets, grad_outputs=L[:, :, k], retain_graph=True)
+                grads = torch.autograd.grad(f, targets, grad_outputs=L[..., k], retain_graph=True)
                 for (p, _, _), g in zip(layers, grads):
+                    g = _locations(g, conv[p]).flatten(0, 1)
                     factors[p][0] = factors[p][0] + g.T @ g
             for p, _, b in layers:
-                a = acts[p]
+                a = acts[p].flatten(0, 1)
                 if b is not None:
-                    a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+                    a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
                 factors[p][1] = factors[p][1] + a.T @ a
+                factors[p][2] += a.shape[0]
     finally:
         for h in handles:
             h.remove()
         model.net.train(was_training)
-    n = x.shape[0]
-    return {p: (G.detach(), A.detach() / n) for p, (G, A) in factors.items()}
+    return {p: (G.detach(), A.detach() / count) for p, (G, A, count) in factors.items()}

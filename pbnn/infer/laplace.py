@@ -32,7 +32,7 @@ from pbnn.infer.curvature import (
     ggn_diag,
     ggn_full,
     kfac_factors,
-    linear_layers,
+    kfac_layers,
     output_jacobian,
     weight_layout,
 )
@@ -68,7 +68,7 @@ class Laplace(Backend, RunOptions):
 
     Args:
         hessian: ``"ggn"`` (default: full generalised Gauss-Newton, positive semi-definite by
-            construction, D <= 5000), ``"diag"``, ``"kfac"`` (``nn.Linear`` layers only) or
+            construction, D <= 5000), ``"diag"``, ``"kfac"`` (``nn.Linear`` and ``nn.Conv2d`` layers) or
             ``"full"`` (the exact Hessian of the negative log joint, ``torch.func.hessian`` of the
             model's potential, D <= 1000; often not positive definite for BNNs).
         subset: ``"auto"`` (default: ``"last_layer"`` for a classification likelihood, ``"all"``
@@ -225,7 +225,7 @@ class Laplace(Backend, RunOptions):
             return ("dense", ggn_full(model, names, params, x, noise)), hessian, note
         if hessian == "diag":
             return ("diag", ggn_diag(model, names, params, x, noise)), hessian, note
-        layers = linear_layers(model, names)
+        layers = kfac_layers(model, names)
         factors = kfac_factors(model, names, params, x, noise)
         kron = KroneckerApproximation(layers, {n: values[n] for n in names}, factors, {p: 1.0 for p, _, _ in layers})
         return ("kfac", kron), hessian, note

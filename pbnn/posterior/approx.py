@@ -149,12 +149,12 @@ class FlatApproximation(Approximation):
 
 @register("approximation", "kronecker")
 class KroneckerApproximation(Approximation):
-    """Gaussian over the weights of ``nn.Linear`` layers with precision ``G kron A + delta I`` per layer.
+    """Gaussian over the weights of Linear / Conv2d layers with precision ``G kron A + delta I`` per layer.
 
     Args:
         layers: ``(module prefix, weight site, bias site or None)`` per layer.
         mean: the mean ``{site: value}``, in flat (``z``) order; each layer's sites contiguous.
-        factors: ``{prefix: (G [out, out], A [in+1, in+1])}``.
+        factors: ``{prefix: (G [out, out], A [K+1, K+1])}`` (``K`` = the weight's columns, ``in * kh * kw``).
         prior_precision: ``{prefix: delta}``.
 
     Each layer's ``[W | b]`` (row-major) has precision ``(Q_G kron Q_A) (lam_G lam_A^T + delta)
@@ -206,9 +206,9 @@ class KroneckerApproximation(Approximation):
     def set_prior_precision(self, prior_precision: dict) -> None:
         self.prior_precision = {p: torch.as_tensor(prior_precision[p], dtype=torch.double) for p, _, _ in self.layers}
 
-    @staticmethod
-    def _matrix(values: dict, w: str, b: str | None) -> torch.Tensor:
-        W = values[w]
+    def _matrix(self, values: dict, w: str, b: str | None) -> torch.Tensor:
+        W = values[w]  # [..., out, in] (Linear) or [..., out, in, kh, kw] (Conv2d): flatten to [..., out, K]
+        W = W.reshape(W.shape[: W.dim() - self.mean_values[w].dim() + 1] + (-1,))
         return W if b is None else torch.cat([W, values[b][..., None]], -1)
 
     def _eigenvalues(self, p: str, delta=None) -> torch.Tensor:
@@ -226,7 +226,8 @@ class KroneckerApproximation(Approximation):
             lam = self._eigenvalues(p)
             eps = torch.randn((num_samples,) + tuple(lam.shape), dtype=torch.double) / lam.sqrt()
             draw = self._matrix(self.mean_values, w, b) + (qg @ eps @ qa.T).to(self.mean_values[w].dtype)
-            out[w] = draw[..., : self.mean_values[w].shape[-1]]
+            shape = self.mean_values[w].shape
+            out[w] = draw[..., : shape[1:].numel()].reshape((num_samples,) + shape)
             if b is not None:
                 out[b] = draw[..., -1]
         return self.layout.join(out)
