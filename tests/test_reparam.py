@@ -214,3 +214,38 @@ def test_bad_estimator_options():
     x = torch.randn(5, 1)
     with pytest.raises(ValueError, match="pbnn.BNN"):
         pbnn.fit(pyro_model, x, x[:, 0], method="svi", estimator="flipout", num_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("estimator", ["local_reparam", "flipout"])
+def test_conv2d_covariance_across_positions_of_one_example(estimator):
+    """Weight sampling makes two output positions of one example covary through the shared kernel:
+    ``Cov(y_t, y_u) = sum_k P_tk P_uk sd_k^2 + sd_b^2`` (``P`` the unfolded patches). Flipout keeps it
+    (one sign per example and channel, so the per-example output is the weight-sampled one in
+    distribution); local reparameterisation samples every position independently (covariance 0),
+    the documented approximation of ``docs/svi.md``."""
+    layer, x = _layers()[1]
+    x = x[:1]
+    g = torch.Generator().manual_seed(3)
+    sd_w = 0.2 + 0.5 * torch.rand(layer.weight.shape, generator=g)
+    sd_b = 0.2 + 0.5 * torch.rand(layer.bias.shape, generator=g)
+    patches = torch.nn.functional.unfold(x, 3, padding=1)[0].T  # [T, K]
+    cov = torch.einsum("tk,ck,uk->ctu", patches, sd_w.flatten(1) ** 2, patches) + (sd_b**2)[:, None, None]
+    torch.manual_seed(4)
+    k = 4000
+    with torch.no_grad():
+        outs = []
+        for _ in range(k):
+            noise = {"weight": sd_w, "bias": sd_b}
+            if estimator == "flipout":
+                noise = {n: s * torch.randn_like(s) for n, s in noise.items()}
+            with perturbed(layer, estimator, noise):
+                outs.append(layer(x)[0].flatten(1))  # [C, T]
+        dev = torch.stack(outs) - layer(x)[0].flatten(1)
+    emp = torch.einsum("sct,scu->ctu", dev, dev) / k
+    # standard error of a Gaussian covariance estimate: sqrt((var_t var_u + cov^2) / k); 5 of them
+    var = cov.diagonal(dim1=1, dim2=2)
+    se = ((var[:, :, None] * var[:, None, :] + cov**2) / k).sqrt()
+    expected = cov if estimator == "flipout" else torch.diag_embed(var)
+    assert ((emp - expected).abs() / se).max() < 5
+    # and the difference is not small: neighbouring positions correlate under weight sampling
+    assert (cov[:, 0, 1] / var[:, 0]).min() > 0.2
