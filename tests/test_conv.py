@@ -153,3 +153,71 @@ def test_kfac_laplace_fits_and_predicts_a_conv_net():
     var = flat.double().var(0)
     # a variance estimate from 4000 draws has relative standard error sqrt(2 / 3999) ~ 2.2%: allow 5 of them
     assert torch.allclose(var, cov.diagonal(), rtol=0.12)
+
+
+# ----------------------------------------------------------------------------- BatchNorm statistics
+def _bn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3, padding=1),
+        torch.nn.BatchNorm2d(2),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * 3 * 3, 1),
+    )
+
+
+def _bn_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 1, 3, 3, generator=g)
+    return x, x.mean((1, 2, 3)) + 0.1 * torch.randn(12, generator=g)
+
+
+BN_FAMILIES = {
+    "sgld": {"num_samples": 4, "warmup": 5},  # sampling: per-draw statistics
+    "mh": {"num_samples": 3, "warmup": 5, "num_chains": 1, "init": "net", "warn": False},
+    "ensemble": {"num_members": 2, "num_steps": 10},
+    "swag": {"start": 5, "num_steps": 20, "num_samples": 3},
+    "svi": {"num_steps": 10, "num_samples": 3},
+    "laplace": {"map_steps": 10, "num_samples": 3, "predictive": "nn", "hessian": "diag"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(BN_FAMILIES))
+def test_each_draw_predicts_with_the_batchnorm_statistics_of_the_training_data_under_its_weights(name):
+    # The statistics a draw predicts with are the mean and (unbiased) variance of the BatchNorm
+    # inputs over the training data computed with that draw's weights: recomputed here by hand.
+    model = pbnn.BNN(_bn_net(), prior=pbnn.priors.Normal(0.0, 1.0), likelihood=pbnn.likelihoods.Gaussian(0.5))
+    x, y = _bn_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        post = pbnn.fit(model, x, y, method=name, progress=False, seed=0, **BN_FAMILIES[name])
+    x_new = torch.randn(5, 1, 3, 3)
+    f = post.predict(x_new).samples
+    draws = {k: v.flatten(0, 1) for k, v in post.samples.items()}
+    net = _bn_net().eval()
+    for s in range(f.shape[0]):
+        params = {**post.fixed, **{k: v[s] for k, v in draws.items()}}
+        h = torch.nn.functional.conv2d(x, params["0.weight"], params["0.bias"], padding=1)
+        stats = {"1.running_mean": h.mean((0, 2, 3)), "1.running_var": h.var((0, 2, 3))}
+        expected = torch.func.functional_call(net, {**params, **stats}, (x_new,))
+        assert torch.allclose(f[s], expected, atol=1e-5), s
+
+
+def test_batchnorm_in_eval_mode_keeps_its_statistics():
+    # A frozen backbone's BatchNorm in eval mode: neither training nor the refresh changes its statistics.
+    net = _bn_net()
+    net[:2].requires_grad_(False).eval()
+    with torch.no_grad():
+        net[1].running_mean.fill_(0.3)
+        net[1].running_var.fill_(2.0)
+    model = pbnn.BNN(net, likelihood=pbnn.likelihoods.Gaussian(0.5))
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    x, y = _bn_data()
+    post = pbnn.fit(model, x, y, method="swag", progress=False, seed=0, **BN_FAMILIES["swag"])
+    assert all(torch.equal(v, before[k]) for k, v in model.net.state_dict().items())
+    f = post.predict(x).samples
+    draws = {k: v.flatten(0, 1) for k, v in post.samples.items()}
+    for s in range(f.shape[0]):
+        expected = torch.func.functional_call(net, {k: v[s] for k, v in draws.items()}, (x,))
+        assert torch.allclose(f[s], expected, atol=1e-5)

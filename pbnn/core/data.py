@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pbnn.core.model import eval_mode
+
 __all__ = ["Data", "FitWarning", "as_tensor", "validate", "check_inputs", "scale_warning"]
 
 
@@ -83,17 +85,13 @@ def _check_batch_dim(net: torch.nn.Module, x: torch.Tensor) -> None:
         if x.dim() == 1
         else ""
     )
-    was_training = net.training
-    net.eval()  # as BNN.output_dim: no BatchNorm statistics updated, no dropout
-    try:
-        with torch.no_grad():
+    try:  # eval mode, as BNN.output_dim: no BatchNorm statistics updated, no dropout
+        with eval_mode(net), torch.no_grad():
             out = net(probe)
     except RuntimeError as e:
         if not hint:
             return  # other shape errors are reported by BNN.output_dim with the network's message
         raise ValueError(f"the network cannot take x of shape {tuple(x.shape)}{hint} ({e})") from e
-    finally:
-        net.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(

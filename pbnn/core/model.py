@@ -17,9 +17,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pyro
 import pyro.distributions as dist
@@ -30,7 +31,33 @@ from torch.func import functional_call
 from pbnn.core import likelihoods as _lik
 from pbnn.core import priors as _priors
 
-__all__ = ["BNN"]
+__all__ = ["BNN", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode inside the block, and every submodule's own mode restored after.
+
+    (``net.train(was_training)`` would put all submodules in one mode, switching e.g. a frozen
+    backbone's BatchNorm, which the user put in eval mode, back to train mode.)
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(1, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
+        >>> with eval_mode(net):
+        ...     net[0].training
+        False
+        >>> net.training, net[0].training, net[1].training
+        (True, True, False)
+    """
+    modes = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield net
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _fan_ins(net: nn.Module) -> dict[str, int]:
@@ -138,13 +165,8 @@ class BNN(nn.Module):
         if self._out_dim is None:
             # Eval mode: BatchNorm cannot take a one-row batch in train mode (and must not
             # update its running statistics here).
-            was_training = self.net.training
-            self.net.eval()
-            try:
-                with torch.no_grad():
-                    self._out_dim = int(self.net(x[:1]).reshape(1, -1).shape[-1])
-            finally:
-                self.net.train(was_training)
+            with eval_mode(self.net), torch.no_grad():
+                self._out_dim = int(self.net(x[:1]).reshape(1, -1).shape[-1])
         return self._out_dim
 
     def noise_sites(self, out_dim: int) -> dict[str, dist.Distribution]:

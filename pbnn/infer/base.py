@@ -52,6 +52,7 @@ from pbnn.engine.distributed import broadcast_seed
 from pbnn.engine.optim import resolve_batch_size, seeded
 from pbnn.posterior.diagnostics import convergence_warning
 from pbnn.posterior.posterior import Posterior
+from pbnn.posterior.predictive import has_batchnorm, predict_bn_refresh
 
 __all__ = [
     "Backend",
@@ -297,7 +298,11 @@ class ChainOptions(Options):
             stuck_chain_warning(result.draws, label)
             info["diagnostics"] = convergence_warning(result.draws, diverging, label)
         samples = {k: v.detach() for k, v in potential.layout.constrain(result.draws).items()}
-        return self.posterior(potential, samples, sample_stats=result.stats, fixed=fixed, info=info)
+        # BatchNorm: each draw gets the statistics of the training inputs under its own weights
+        predictor = predict_bn_refresh if potential.kind == "bnn" and has_batchnorm(potential.model.net) else None
+        return self.posterior(
+            potential, samples, sample_stats=result.stats, fixed=fixed, predictor=predictor, info=info
+        )
 
 
 # ---------------------------------------------------------------------------- registry

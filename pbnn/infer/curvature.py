@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributions.transforms import identity_transform
 
 from pbnn.core import likelihoods as _lik
+from pbnn.core.model import eval_mode
 from pbnn.core.potential import SiteLayout
 
 __all__ = [
@@ -84,12 +85,8 @@ def output_jacobian(model, names: list[str], params: dict[str, torch.Tensor], x:
         return model.output({**params, **layout.split(th)}, x1[None])[0]
 
     jac = torch.func.vmap(torch.func.jacrev(f_one), in_dims=(None, 0))
-    was_training = model.net.training
-    model.net.eval()
-    try:
+    with eval_mode(model.net):
         return torch.cat([jac(theta, xb) for xb in x.split(CHUNK)], 0)
-    finally:
-        model.net.train(was_training)
 
 
 def _scaled_jacobians(model, names, params, x, noise):
@@ -229,13 +226,12 @@ def kfac_factors(model, names: list[str], params: dict[str, torch.Tensor], x: to
     live = {n: v.detach().clone().requires_grad_(n in names) for n, v in params.items()}
     handles = [mods[p].register_forward_hook(hook(p)) for p, _, _ in layers]
     conv = {p: isinstance(mods[p], nn.Conv2d) for p, _, _ in layers}
-    was_training = model.net.training
-    model.net.eval()
     try:
         for xb in x.split(CHUNK):
             acts.clear()
             outs.clear()
-            f = model.output(live, xb)
+            with eval_mode(model.net):
+                f = model.output(live, xb)
             L = loss_hessian_sqrt(model.likelihood, f.detach(), noise)
             targets = [outs[p] for p, _, _ in layers]
             for k in range(L.shape[-1]):
@@ -252,5 +248,4 @@ def kfac_factors(model, names: list[str], params: dict[str, torch.Tensor], x: to
     finally:
         for h in handles:
             h.remove()
-        model.net.train(was_training)
     return {p: (G.detach(), A.detach() / count) for p, (G, A, count) in factors.items()}

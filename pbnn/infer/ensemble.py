@@ -29,7 +29,7 @@ from pbnn.engine import distributed
 from pbnn.engine.optim import decay, fit_points, initial_points
 from pbnn.infer.base import Backend, OptimOptions, RunOptions, register
 from pbnn.posterior.posterior import Posterior
-from pbnn.posterior.predictive import predict_params
+from pbnn.posterior.predictive import has_batchnorm, predict_bn_refresh, predict_params
 
 __all__ = ["DeepEnsemble"]
 
@@ -82,7 +82,10 @@ class DeepEnsemble(Backend, RunOptions, OptimOptions):
         z, fixed = distributed.gather_chains((z, fixed))
         samples = {k: v[:, None] for k, v in potential.layout.constrain(z).items()}
         info = {"losses": losses, "num_members": num, "bootstrap": self.bootstrap}
+        predictor = None
         if fixed:  # deterministic parameters differ per member: store them per draw too
             samples.update({k: v[:, None] for k, v in fixed.items()})
-            return self.posterior(potential, samples, predictor=predict_params, info=info)
-        return self.posterior(potential, samples, info=info)
+            predictor = predict_params
+        if has_batchnorm(potential.model.net):  # each member gets its own BatchNorm statistics
+            predictor = predict_bn_refresh
+        return self.posterior(potential, samples, predictor=predictor, info=info)

@@ -39,7 +39,7 @@ from pbnn.infer.curvature import (
 from pbnn.posterior import serialization
 from pbnn.posterior.approx import Approximation, FlatApproximation, KroneckerApproximation
 from pbnn.posterior.posterior import Posterior
-from pbnn.posterior.predictive import Prediction, predict_bnn
+from pbnn.posterior.predictive import Prediction, has_batchnorm, predict_bn_refresh, predict_bnn
 
 __all__ = ["Laplace", "LaplacePredictor", "GLMPrediction", "FULL_HESSIAN_LIMIT", "DENSE_LIMIT"]
 
@@ -411,6 +411,8 @@ class LaplacePredictor:
         if self.predictive == "nn":
             full = {k: v.expand((S,) + tuple(v.shape)) for k, v in post.fixed.items() if k not in det}
             full.update(draws)
+            if has_batchnorm(model.net):  # each weight draw gets its own BatchNorm statistics
+                return predict_bn_refresh(post, full, x)
             return predict_bnn(model, full, det, x)
         # frozen parameters are not in either dict: the network's own values are used
         params = {n: self.mean.get(n, post.fixed.get(n)) for n in model.bayesian_names + model.deterministic_names}

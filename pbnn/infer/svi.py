@@ -25,6 +25,7 @@ from pbnn.infer.reparam import ESTIMATORS
 from pbnn.infer.reparam import negative_elbo as local_negative_elbo
 from pbnn.posterior.approx import FlatApproximation
 from pbnn.posterior.posterior import Posterior
+from pbnn.posterior.predictive import has_batchnorm, predict_bn_refresh
 
 __all__ = ["SVI"]
 
@@ -168,7 +169,16 @@ class SVI(Backend, RunOptions, OptimOptions):
         approx = flat_approximation(guide)
         samples = {k: v.unsqueeze(0) for k, v in approx.sample(self.num_samples).items()}
         info = {"losses": losses, "guide": self.guide, "estimator": self.estimator}
-        return self.posterior(potential, samples, fixed=fixed, approximation=approx, info=info)
+        # BatchNorm: each weight draw gets the statistics of the training inputs under it
+        bn = potential.kind == "bnn" and has_batchnorm(potential.model.net)
+        return self.posterior(
+            potential,
+            samples,
+            fixed=fixed,
+            approximation=approx,
+            predictor=predict_bn_refresh if bn else None,
+            info=info,
+        )
 
     def _objective(self, potential: Potential, guide):
         """``(negative_elbo(idx), parameters to optimise, deterministic weights)`` of a BNN.

@@ -31,6 +31,8 @@ from torch import nn
 from torch.distributions import Distribution, Independent
 from torch.func import functional_call
 
+from pbnn.core.model import eval_mode
+
 __all__ = [
     "Prediction",
     "predict_bnn",
@@ -295,13 +297,8 @@ def predict_bnn(
     ``noise`` holds the draws of the noise sites when ``draws`` are network tensors only."""
     weights = {n: draws[n] for n in model.bayesian_names} if noise is None else draws
     chunk = chunk_size or default_chunk_size(x.shape[0])
-    was_training = model.net.training
-    model.net.eval()
-    try:
-        with torch.no_grad():
-            f = chunked_vmap(lambda w: model.output({**fixed, **w}, x), weights, chunk)
-    finally:
-        model.net.train(was_training)
+    with eval_mode(model.net), torch.no_grad():
+        f = chunked_vmap(lambda w: model.output({**fixed, **w}, x), weights, chunk)
     noise = {n: (draws if noise is None else noise)[n] for n in model.noise_sites(f.shape[-1])}
     return Prediction(f, model.likelihood.conditional(f, noise))
 
@@ -320,7 +317,8 @@ def predict_params(post, draws: dict[str, torch.Tensor], x: torch.Tensor) -> Pre
 
 
 def has_batchnorm(net: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    """Whether ``net`` has BatchNorm layers in train mode (one in eval mode keeps its statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in net.modules())
 
 
 def predict_bn_refresh(post, draws: dict[str, torch.Tensor], x: torch.Tensor) -> Prediction:
@@ -329,14 +327,15 @@ def predict_bn_refresh(post, draws: dict[str, torch.Tensor], x: torch.Tensor) ->
     A weight draw that was never trained as such (a SWAG draw, an ensemble member) needs
     its own BatchNorm statistics (Maddox et al. 2019). For each draw this runs the training
     inputs through a private copy of the net with only the BatchNorm layers in train mode
-    (cumulative averages, ``momentum=None``), then evaluates ``x`` in eval mode.
+    (cumulative averages, ``momentum=None``), then evaluates ``x`` in eval mode. BatchNorm layers
+    the user put in eval mode (e.g. in a frozen backbone) keep their statistics.
     (``torch.optim.swa_utils.update_bn`` does not fit: it puts the whole net in train mode,
     so dropout layers would be on during the refresh, and it calls the module with its own
     parameters, while pbnn evaluates each draw functionally.)
     """
     model = post.model
     net = copy.deepcopy(model.net)
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     for m in bns:
         m.momentum = None
     names = {n for n, _ in net.named_parameters()}
