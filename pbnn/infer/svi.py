@@ -23,7 +23,7 @@ from pbnn.engine.optim import decay, fitted_params, optimise, run_svi
 from pbnn.infer.base import Backend, OptimOptions, RunOptions, register
 from pbnn.infer.reparam import ESTIMATORS
 from pbnn.infer.reparam import negative_elbo as local_negative_elbo
-from pbnn.posterior.approx import FlatApproximation
+from pbnn.posterior.approx import FlatApproximation, LazyDraws
 from pbnn.posterior.posterior import Posterior
 
 __all__ = ["SVI"]
@@ -166,7 +166,7 @@ class SVI(Backend, RunOptions, OptimOptions):
             )
             fixed = fitted_params(guide._pyro_name)
         approx = flat_approximation(guide)
-        samples = {k: v.unsqueeze(0) for k, v in approx.sample(self.num_samples).items()}
+        samples = LazyDraws.from_rng(approx, self.num_samples)  # drawn on demand, not stored
         info = {"losses": losses, "guide": self.guide, "estimator": self.estimator}
         return self.posterior(potential, samples, fixed=fixed, approximation=approx, info=info)
 
