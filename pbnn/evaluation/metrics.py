@@ -254,7 +254,10 @@ def pit(pred: Prediction, y: torch.Tensor) -> torch.Tensor:
 def pit_calibration_curve(pred: Prediction, y: torch.Tensor, num_levels: int = 19) -> tuple[np.ndarray, np.ndarray]:
     """Regression calibration curve (Kuleshov et al. 2018): for levels ``p`` in (0, 1), the fraction
     of targets with PIT <= ``p``: ``(expected, observed)``."""
-    u = pit(pred, y).reshape(-1).double().numpy()
+    return _pit_curve(pit(pred, y).reshape(-1).double().numpy(), num_levels)
+
+
+def _pit_curve(u: np.ndarray, num_levels: int) -> tuple[np.ndarray, np.ndarray]:
     levels = np.linspace(0, 1, num_levels + 2)[1:-1]
     observed = (u[None, :] <= levels[:, None]).mean(1) if u.size else np.full(num_levels, np.nan)
     return levels, observed
@@ -285,7 +288,11 @@ def crps(pred: Prediction, y: torch.Tensor, num_samples: int = 1000, seed: int |
         >>> round(pbnn.metrics.crps(pred, torch.zeros(1), num_samples=20000), 2)   # (sqrt 2 - 1)/sqrt pi
         0.23
     """
-    pred = _regression(pred, "crps")
+    return float(_crps_points(_regression(pred, "crps"), y, num_samples, seed).mean())
+
+
+def _crps_points(pred: Prediction, y, num_samples: int, seed: int | None) -> torch.Tensor:
+    """The CRPS of every target (``[N]`` / ``[N, D]``, float64)."""
     y = _targets(pred, y)
     per_draw = max(1, math.ceil(num_samples / pred.num_draws))
     with seeded(seed), torch.no_grad():
@@ -294,12 +301,12 @@ def crps(pred: Prediction, y: torch.Tensor, num_samples: int = 1000, seed: int |
     y = y.double()
     term1 = (x - y).abs().mean(0)
     if m < 2:
-        return float(term1.mean())
+        return term1
     # sum_{i,j} |x_i - x_j| = 2 sum_i (2 i - m - 1) x_(i) over sorted samples, i = 1..m
     xs = x.sort(0).values
     w = (2 * torch.arange(1, m + 1, dtype=xs.dtype) - m - 1).reshape((m,) + (1,) * (xs.dim() - 1))
     term2 = 2 * (w * xs).sum(0) / (m * (m - 1))
-    return float((term1 - term2 / 2).mean())
+    return term1 - term2 / 2
 
 
 # =============================================================================== classification
@@ -617,13 +624,17 @@ def wasserstein2(pred, reference, x=None, num_samples: int | None = None, per_dr
 
 
 # =============================================================================== reports
-def evaluate(post, x, y, *, num_samples: int | None = None, num_bins: int = 15, seed: int | None = 0) -> dict:
+def evaluate(post, x, y=None, *, num_samples: int | None = None, num_bins: int = 15, seed: int | None = 0) -> dict:
     """All the standard metrics in one call: ``{name: float}``.
 
     Args:
         post: a :class:`pbnn.Posterior` (predicted at ``x``) or a :class:`pbnn.Prediction`
             (then pass ``x=None``).
-        x, y: test inputs and targets.
+        x, y: test inputs and targets; or, with a Posterior, ``x`` an iterable of ``(x, y)``
+            batches (a ``DataLoader``) and no ``y``: the metrics are streamed over the batches
+            (one batch's prediction in memory at a time, per-point results kept). They equal
+            those of the whole test set at once, except ``crps``, whose Monte Carlo draws
+            differ (each batch uses ``seed``).
         num_samples: posterior draws for the predictive (default: all stored).
         num_bins: bins for the ECE-type metrics.
         seed: seed for fresh draws and the CRPS samples.
@@ -638,6 +649,10 @@ def evaluate(post, x, y, *, num_samples: int | None = None, num_bins: int = 15, 
         >>> " ".join(sorted(pbnn.evaluate(pred, None, torch.zeros(4)))[:4])
         'coverage_50 coverage_90 coverage_95 crps'
     """
+    if isinstance(post, Posterior) and y is None and x is not None and not isinstance(x, (torch.Tensor, np.ndarray)):
+        return _evaluate_batches(post, x, num_samples, num_bins, seed)
+    if y is None:
+        raise ValueError("evaluate needs the targets y (or, with a Posterior, a loader of (x, y) batches as x)")
     if isinstance(post, Prediction):
         if x is not None:
             raise ValueError("evaluate got a Prediction and inputs x; pass x=None with a Prediction")
@@ -674,6 +689,73 @@ def evaluate(post, x, y, *, num_samples: int | None = None, num_bins: int = 15, 
         "coverage_95": coverage(pred, y, 0.95),
         "pit_error": pit_calibration_error(pred, y),
         "mean_sd": float(pred.stddev.mean()),
+    }
+
+
+def _evaluate_batches(post, loader, num_samples, num_bins: int, seed) -> dict:
+    """:func:`evaluate` streamed over ``(x, y)`` batches: per-point results joined, then reduced."""
+    _check_bins(num_bins)
+    parts: dict[str, list[torch.Tensor]] = {}
+
+    def keep(**values):
+        for k, v in values.items():
+            parts.setdefault(k, []).append(v.detach().double().reshape(-1) if k != "p" else v)
+
+    classification = None
+    for i, batch in enumerate(loader):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                f"evaluate(post, loader) needs batches (x, y); batch {i} is a {type(batch).__name__}"
+                + (f" of {len(batch)} items" if isinstance(batch, (tuple, list)) else "")
+            )
+        xb, yb = batch
+        pred = post.predict(xb, num_samples, seed=seed)
+        if classification is not None and pred.is_classification != classification:
+            raise ValueError(f"batch {i} gives a different kind of prediction than the batches before it")
+        classification = pred.is_classification
+        if classification:
+            p, labels = _probs_labels(pred, yb)
+            keep(p=p, labels=labels, entropy=pred.entropy, mi=pred.mutual_information)
+            continue
+        yb = _targets(pred, yb)
+        inside = {}
+        for prob in (0.5, 0.9, 0.95):
+            lo, hi = pred.interval(prob)
+            inside[f"c{round(prob * 100)}"] = ((yb >= lo) & (yb <= hi)).reshape(-1)
+        keep(
+            err2=(pred.mean - yb) ** 2,
+            nll=-pred.log_prob(yb),
+            crps=_crps_points(pred, yb, 1000, seed),
+            pit=pred.cdf(yb),
+            sd=pred.stddev,
+            **inside,
+        )
+    if classification is None:
+        raise ValueError("evaluate got an empty loader (no (x, y) batches)")
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    if classification:
+        p, labels = cat["p"], cat["labels"].long()
+        return {
+            "accuracy": accuracy(p, labels),
+            "nll": nll(p, labels),
+            "brier": brier(p, labels),
+            "ece": ece(p, labels, num_bins),
+            "adaptive_ece": adaptive_ece(p, labels, num_bins),
+            "mce": mce(p, labels, num_bins),
+            "classwise_ece": classwise_ece(p, labels, num_bins),
+            "entropy": float(cat["entropy"].mean()),
+            "mutual_information": float(cat["mi"].mean()),
+        }
+    expected, observed = _pit_curve(cat["pit"].numpy(), 19)
+    return {
+        "rmse": float(cat["err2"].mean().sqrt()),
+        "nll": float(cat["nll"].mean()),
+        "crps": float(cat["crps"].mean()),
+        "coverage_50": float(cat["c50"].mean()),
+        "coverage_90": float(cat["c90"].mean()),
+        "coverage_95": float(cat["c95"].mean()),
+        "pit_error": float(np.abs(observed - expected).mean()),
+        "mean_sd": float(cat["sd"].mean()),
     }
 
 

@@ -37,7 +37,7 @@ from pbnn.infer.curvature import (
     weight_layout,
 )
 from pbnn.posterior import serialization
-from pbnn.posterior.approx import Approximation, FlatApproximation, KroneckerApproximation
+from pbnn.posterior.approx import Approximation, FlatApproximation, KroneckerApproximation, LazyDraws
 from pbnn.posterior.posterior import Posterior
 from pbnn.posterior.predictive import Prediction, has_batchnorm, predict_bn_refresh, predict_bnn
 
@@ -128,7 +128,7 @@ class Laplace(Backend, RunOptions):
         prec, lml_fn = self._prior_precision(curv, layout, index, theta, dev2, model_prec, log_lik)
         approx = _approximation(curv, prec, theta, layout, values)
         lml = float(lml_fn(prec))
-        draws = approx.sample(self.num_samples)
+        draws = LazyDraws.from_rng(approx, self.num_samples)  # drawn on demand, not stored
         info = {
             "losses": losses,
             "hessian": hessian,
@@ -141,7 +141,7 @@ class Laplace(Backend, RunOptions):
             info["indefinite"] = note
         return self.posterior(
             potential,
-            {k: v.detach().unsqueeze(0) for k, v in draws.items()},
+            draws,
             fixed={**fixed_det, **{k: v.detach() for k, v in values.items() if k not in names}},
             approximation=approx,
             predictor=LaplacePredictor(self.predictive, names, {n: values[n].detach() for n in names}),

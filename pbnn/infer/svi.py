@@ -23,7 +23,7 @@ from pbnn.engine.optim import decay, fitted_params, optimise, run_svi
 from pbnn.infer.base import Backend, OptimOptions, RunOptions, register
 from pbnn.infer.reparam import ESTIMATORS
 from pbnn.infer.reparam import negative_elbo as local_negative_elbo
-from pbnn.posterior.approx import FlatApproximation
+from pbnn.posterior.approx import FlatApproximation, LazyDraws
 from pbnn.posterior.posterior import Posterior
 from pbnn.posterior.predictive import has_batchnorm, predict_bn_refresh
 
@@ -167,7 +167,7 @@ class SVI(Backend, RunOptions, OptimOptions):
             )
             fixed = fitted_params(guide._pyro_name)
         approx = flat_approximation(guide)
-        samples = {k: v.unsqueeze(0) for k, v in approx.sample(self.num_samples).items()}
+        samples = LazyDraws.from_rng(approx, self.num_samples)  # drawn on demand, not stored
         info = {"losses": losses, "guide": self.guide, "estimator": self.estimator}
         # BatchNorm: each weight draw gets the statistics of the training inputs under it
         bn = potential.kind == "bnn" and has_batchnorm(potential.model.net)

@@ -30,7 +30,7 @@ from pbnn.engine import distributed
 from pbnn.engine.optim import check_momentum, decay, fit_points, initial_points
 from pbnn.engine.optim import sgd_batch_size as swag_batch_size
 from pbnn.infer.base import Backend, OptimOptions, RunOptions, register
-from pbnn.posterior.approx import FlatApproximation, SwagMoments, SWAGNormal
+from pbnn.posterior.approx import FlatApproximation, LazyDraws, SwagMoments, SWAGNormal
 from pbnn.posterior.posterior import Posterior
 from pbnn.posterior.predictive import has_batchnorm, predict_bn_refresh, predict_params
 
@@ -153,15 +153,18 @@ class SWAG(Backend, RunOptions, OptimOptions):
 
     def _posterior(self, potential: Potential, moments, fixed, info) -> Posterior:
         q = moments.distribution(self.scale)
-        z = moments.mean[:, None] if self._mean_only else q.sample_runs(self.num_samples)  # [runs, draws, D]
-        samples = dict(potential.layout.constrain(z))
+        runs = moments.mean.shape[0]
         det = {k: v[0] for k, v in fixed.items()}
         predictor, approx = None, None
-        if fixed and moments.mean.shape[0] > 1:  # deterministic parameters differ per run
+        if not self._mean_only and not (fixed and runs > 1):  # one chain per run, drawn on demand
+            approx = FlatApproximation(q, potential.layout.sites)
+            samples = LazyDraws.from_rng(approx, self.num_samples, num_chains=runs)
+        else:
+            z = moments.mean[:, None] if self._mean_only else q.sample_runs(self.num_samples)  # [runs, draws, D]
+            samples = dict(potential.layout.constrain(z))
+        if fixed and runs > 1:  # deterministic parameters differ per run
             samples.update({k: v[:, None].expand((-1, z.shape[1]) + v.shape[1:]) for k, v in fixed.items()})
             det, predictor = {}, predict_params
-        elif not self._mean_only:
-            approx = FlatApproximation(q, potential.layout.sites)
         if has_batchnorm(potential.model.net):
             predictor = predict_bn_refresh
         info = {**info, "rank": self.rank, "scale": self.scale}

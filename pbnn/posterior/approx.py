@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.distributions import (
     Distribution,
@@ -35,7 +36,7 @@ from torch.distributions.transforms import identity_transform
 from pbnn.core.potential import SiteLayout
 from pbnn.posterior.serialization import decode_transform, encode_transform, register
 
-__all__ = ["Approximation", "FlatApproximation", "KroneckerApproximation", "SWAGNormal", "SwagMoments"]
+__all__ = ["Approximation", "FlatApproximation", "KroneckerApproximation", "LazyDraws", "SWAGNormal", "SwagMoments"]
 
 
 class Approximation:
@@ -75,6 +76,11 @@ class Approximation:
         """The site values at the mean of ``z`` (the mode for a Gaussian)."""
         return self.layout.constrain(self.loc)
 
+    def chain(self, c: int, num_chains: int) -> Approximation:
+        """The distribution chain ``c`` of ``num_chains`` draws from (all of them: this one;
+        a multi-run SWAG draws chain ``c`` from run ``c``)."""
+        return self
+
 
 def _layout_state(layout: SiteLayout) -> list:
     return [[n, list(s), encode_transform(t)] for n, s, t in layout.sites]
@@ -104,6 +110,11 @@ class FlatApproximation(Approximation):
     @property
     def loc(self) -> torch.Tensor:
         return self.q.mean
+
+    def chain(self, c: int, num_chains: int) -> Approximation:
+        if isinstance(self.q, SWAGNormal) and num_chains == self.q.num_runs > 1:
+            return FlatApproximation(self.q.run(c), self.layout)
+        return self
 
     def functional_covariance(self, jac: torch.Tensor) -> torch.Tensor:
         J, q = jac.double(), self.q
@@ -324,6 +335,10 @@ class SWAGNormal(Distribution):
     def mean(self) -> torch.Tensor:
         return self.loc_runs.mean(0)
 
+    def run(self, m: int) -> SWAGNormal:
+        """The Gaussian of run ``m`` alone."""
+        return SWAGNormal(self.loc_runs[m : m + 1], self.diag[m : m + 1], self.dev[m : m + 1], self.scale)
+
     def _factor(self) -> torch.Tensor:
         """``sqrt(scale) * D / sqrt(max(K - 1, 1))``, ``[M, D, K]``: the low-rank factor of each run."""
         return math.sqrt(self.scale) * self.dev / math.sqrt(max(self.dev.shape[-1] - 1, 1))
@@ -364,3 +379,78 @@ class SWAGNormal(Distribution):
         per_run = math.ceil(num / self.num_runs)
         draws = self.sample_runs(per_run).transpose(0, 1).reshape(-1, self.loc_runs.shape[-1])[:num]
         return draws.reshape(tuple(sample_shape) + (self.loc_runs.shape[-1],))
+
+
+# ----------------------------------------------------------------------------- draws on demand
+class LazyDraws:
+    """``num_chains x num_draws`` draws of an :class:`Approximation`, made on demand, never stored.
+
+    Draw ``i`` of chain ``c`` lies in block ``i // block``; a block is drawn with its own seed
+    (``numpy.random.SeedSequence([seed, c, block index])``), so any range of draws is the same
+    numbers whatever order or chunks it is asked for in, and a saved posterior (which stores
+    ``seed`` and ``block``, not the draws) draws them again exactly. A block holds at most
+    ``block`` draws (by default ``2**22 // D`` capped to [1, 100]: about 16 MB of float32).
+
+    Example:
+        >>> import torch
+        >>> from torch.distributions import Independent, Normal, transforms
+        >>> q = FlatApproximation(Independent(Normal(torch.zeros(3), torch.ones(3)), 1),
+        ...                       [("w", torch.Size([3]), transforms.identity_transform)])
+        >>> lazy = LazyDraws(q, num_draws=250, seed=7)
+        >>> lazy.block, lazy.get(0, 250)["w"].shape
+        (100, torch.Size([250, 3]))
+        >>> torch.equal(lazy.get(120, 130)["w"], lazy.get(0, 250)["w"][120:130])
+        True
+    """
+
+    def __init__(
+        self, approximation: Approximation, num_draws: int, seed: int, num_chains: int = 1, block: int | None = None
+    ) -> None:
+        if num_draws < 1 or num_chains < 1:
+            raise ValueError(f"LazyDraws needs num_draws >= 1 and num_chains >= 1, got {num_draws}, {num_chains}")
+        self.approximation = approximation
+        self.num_chains, self.num_draws, self.seed = int(num_chains), int(num_draws), int(seed)
+        self.block = int(block) if block is not None else max(1, min(100, 2**22 // max(1, approximation.layout.dim)))
+
+    @classmethod
+    def from_rng(cls, approximation: Approximation, num_draws: int, num_chains: int = 1) -> LazyDraws:
+        """Draws whose seed comes from torch's global RNG (what a seeded fit makes reproducible)."""
+        return cls(approximation, num_draws, int(torch.randint(2**62, ())), num_chains)
+
+    def __len__(self) -> int:
+        return self.num_chains * self.num_draws
+
+    def _block(self, c: int, b: int) -> dict[str, torch.Tensor]:
+        n = min(self.block, self.num_draws - b * self.block)
+        seed = int(np.random.SeedSequence([self.seed, c, b]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return self.approximation.chain(c, self.num_chains).sample(n, seed=seed)
+
+    def get(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Flat draws ``start:stop`` (chains concatenated, as :meth:`pbnn.Posterior.flat_samples`)."""
+        return self.take(torch.arange(start, stop))
+
+    def take(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat draws at ``index`` (ascending), each site ``[len(index), *shape]``; only the blocks
+        holding them are drawn, one at a time."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        parts: list[dict[str, torch.Tensor]] = []
+        chain, within = index // self.num_draws, index % self.num_draws
+        key = chain * (self.num_draws // self.block + 1) + within // self.block
+        for k in torch.unique_consecutive(key).tolist():
+            sel = key == k
+            c, b = int(chain[sel][0]), int(within[sel][0]) // self.block
+            block = self._block(c, b)
+            rows = within[sel] - b * self.block
+            parts.append({n: v[rows] for n, v in block.items()})
+        if not parts:
+            return {n: torch.empty((0,) + tuple(s)) for n, s, _ in self.approximation.layout.sites}
+        return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+    def materialise(self) -> dict[str, torch.Tensor]:
+        """All draws, ``{site: [chain, draw, *shape]}``."""
+        flat = self.get(0, len(self))
+        return {k: v.reshape((self.num_chains, self.num_draws) + tuple(v.shape[1:])) for k, v in flat.items()}
+
+    def state(self) -> dict:
+        """What a posterior file stores besides the approximation (no draws)."""
+        return {"num_chains": self.num_chains, "num_draws": self.num_draws, "seed": self.seed, "block": self.block}

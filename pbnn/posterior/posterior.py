@@ -26,8 +26,17 @@ from pbnn.core.data import Data, check_inputs
 from pbnn.core.model import BNN
 from pbnn.engine.optim import atomic_save
 from pbnn.posterior import serialization
-from pbnn.posterior.approx import Approximation
-from pbnn.posterior.predictive import Prediction, predict_bn_refresh, predict_bnn, predict_params, predict_pyro
+from pbnn.posterior.approx import Approximation, LazyDraws
+from pbnn.posterior.predictive import (
+    BUDGET,
+    Prediction,
+    StreamedPrediction,
+    activations_per_point,
+    predict_bn_refresh,
+    predict_bnn,
+    predict_params,
+    predict_pyro,
+)
 
 __all__ = ["Posterior"]
 
@@ -37,7 +46,10 @@ class Posterior:
 
     Attributes:
         model: the :class:`pbnn.BNN` or hand-written Pyro model that was fitted.
-        samples: ``{site: tensor [chain, draw, *shape]}`` in the constrained space.
+        samples: ``{site: tensor [chain, draw, *shape]}`` in the constrained space. A posterior
+            built from :class:`pbnn.approx.LazyDraws` (SVI, Laplace, SWAG: their fitted
+            distribution and a seed, not the draws) makes them on first access and keeps them;
+            ``predict`` never needs them all at once.
         sample_stats: ``{stat: tensor [chain, draw]}`` (may be empty).
         fixed: values of deterministic parameters (``pyro.param`` sites) after the fit.
         data: the training :class:`pbnn.data.Data` (for ArviZ's observed data and LOO).
@@ -55,7 +67,7 @@ class Posterior:
     def __init__(
         self,
         model,
-        samples: dict[str, torch.Tensor],
+        samples: dict[str, torch.Tensor] | LazyDraws,
         *,
         data: Data,
         method: str,
@@ -65,17 +77,19 @@ class Posterior:
         predictor: Callable[[Posterior, dict[str, torch.Tensor], torch.Tensor], Prediction] | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
-        shapes = {tuple(v.shape[:2]) for v in samples.values()}
-        if len(shapes) != 1:
-            raise ValueError(f"all sites need the same [chain, draw] dims, got {shapes}")
-        for name, v in samples.items():
+        self._lazy = samples if isinstance(samples, LazyDraws) else None
+        if self._lazy is None:
+            shapes = {tuple(v.shape[:2]) for v in samples.values()}
+            if len(shapes) != 1:
+                raise ValueError(f"all sites need the same [chain, draw] dims, got {shapes}")
+        for name, v in (samples.get(0, 1) if self._lazy is not None else samples).items():
             if not torch.isfinite(v).all():
                 raise ValueError(
                     f"posterior draws of site {name!r} contain NaN or inf: the fit diverged; "
                     "lower the learning rate / step size or standardise the data"
                 )
         self.model = model
-        self.samples = {k: v.detach() for k, v in samples.items()}
+        self._samples = None if self._lazy is not None else {k: v.detach() for k, v in samples.items()}
         self.sample_stats = dict(sample_stats or {})
         self.fixed = {k: v.detach() for k, v in (fixed or {}).items()}
         self.data = data
@@ -86,33 +100,66 @@ class Posterior:
 
     # ------------------------------------------------------------------ shape
     @property
+    def samples(self) -> dict[str, torch.Tensor]:
+        if self._samples is None:  # drawn from the approximation on first access, then kept
+            self._samples = self._lazy.materialise()
+        return self._samples
+
+    @samples.setter
+    def samples(self, value: dict[str, torch.Tensor]) -> None:
+        self._samples, self._lazy = dict(value), None
+
+    @property
+    def lazy_draws(self) -> LazyDraws | None:
+        """How the draws are made on demand (None when they are stored)."""
+        return self._lazy
+
+    @property
     def num_chains(self) -> int:
+        if self._samples is None:
+            return self._lazy.num_chains
         return next(iter(self.samples.values())).shape[0]
 
     @property
     def num_draws(self) -> int:
+        if self._samples is None:
+            return self._lazy.num_draws
         return next(iter(self.samples.values())).shape[1]
 
     def flat_samples(self) -> dict[str, torch.Tensor]:
         """Draws with chains concatenated: ``{site: [chain * draw, *shape]}``."""
         return {k: v.reshape((-1,) + tuple(v.shape[2:])) for k, v in self.samples.items()}
 
-    def _draws(self, num_samples: int | None, seed: int | None) -> dict[str, torch.Tensor]:
-        flat = self.flat_samples()
+    def _draws(self, num_samples: int | None, seed: int | None) -> tuple[int, Callable]:
+        """``(S, draws)``: ``draws(start, stop)`` gives flat draws ``start:stop`` of the ``S`` used.
+
+        Fewer than the posterior's draws are taken evenly spaced (the same ones for stored and
+        lazy draws); more are drawn from the approximation as :class:`LazyDraws` with ``seed``.
+        Draws are kept in memory while they are small (``S * D <= BUDGET``)."""
         total = self.num_chains * self.num_draws
-        if num_samples is None or num_samples == total:
-            return flat
-        if num_samples < 1:
+        if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if num_samples < total:  # evenly spaced: deterministic and spread over all chains
-            idx = torch.linspace(0, total - 1, num_samples).round().long()
-            return {k: v[idx] for k, v in flat.items()}
-        if self.approximation is None:
-            raise ValueError(
-                f"asked for {num_samples} draws but this {self.method!r} posterior holds {total} and "
-                "cannot make more; pass num_samples <= that"
-            )
-        return self.approximation.sample(num_samples, seed=seed)
+        num = total if num_samples is None else num_samples
+        if num > total:
+            if self.approximation is None:
+                raise ValueError(
+                    f"asked for {num_samples} draws but this {self.method!r} posterior holds {total} and "
+                    "cannot make more; pass num_samples <= that"
+                )
+            if seed is None:
+                seed = int(torch.randint(2**62, ()))
+            idx, take = torch.arange(num), LazyDraws(self.approximation, num, seed).take
+        else:
+            idx = torch.arange(total) if num == total else torch.linspace(0, total - 1, num).round().long()
+            if self._samples is not None:
+                flat = self.flat_samples()
+                return num, lambda a, b: {k: v[idx[a:b]] for k, v in flat.items()}
+            take = self._lazy.take
+        dim = self.approximation.layout.dim if self.approximation is not None else BUDGET
+        if num * dim <= BUDGET:
+            cached = take(idx)
+            return num, lambda a, b: {k: v[a:b] for k, v in cached.items()}
+        return num, lambda a, b: take(idx[a:b])
 
     # ------------------------------------------------------------------ predictive
     def predict(self, x, num_samples: int | None = None, *, seed: int | None = 0) -> Prediction:
@@ -120,10 +167,17 @@ class Posterior:
 
         Args:
             x: inputs ``[M, ...]``.
-            num_samples: number of draws to use (default: all stored draws). Fewer are
-                taken evenly spaced; more are drawn fresh when the posterior keeps a fitted
-                distribution (SVI, Laplace).
+            num_samples: number of draws to use (default: all the posterior's draws). Fewer
+                are taken evenly spaced; more are drawn fresh when the posterior keeps a fitted
+                distribution (SVI, Laplace, SWAG).
             seed: seed for fresh draws.
+
+        Returns a :class:`pbnn.predictive.StreamedPrediction` (for a BNN, a Pyro model and the
+        BatchNorm-refresh predictor): the network runs over blocks of draws and points whose
+        size keeps about ``BUDGET`` (2**24) numbers in memory, so its summaries (mean,
+        variances, entropies, ``log_prob``, ``interval``) never hold ``[S, N, out]``; its
+        ``samples`` / ``conditional`` are built when asked for. Other predictors (Laplace's
+        linearised one) get all draws at once.
 
         Raises:
             ValueError: when the rows of ``x`` do not have the shape of the training inputs
@@ -132,12 +186,36 @@ class Posterior:
         """
         train = getattr(self.data, "x", None)
         x = check_inputs(x, train if isinstance(train, torch.Tensor) else None)
-        draws = self._draws(num_samples, seed)
-        if self.predictor is not None:
-            return self.predictor(self, draws, x)
-        if isinstance(self.model, BNN):
-            return predict_bnn(self.model, draws, self.fixed, x)
-        return predict_pyro(self.model, draws, self.fixed, x)
+        num, draws = self._draws(num_samples, seed)
+        streams = self.predictor in (None, predict_params, predict_bn_refresh)
+        if not streams:  # e.g. Laplace's linearised predictive: its own closed forms
+            return self.predictor(self, draws(0, num), x)
+        if not isinstance(self.model, BNN):
+            return self._streamed(lambda w, xb: predict_pyro(self.model, w, self.fixed, xb), draws, num, x, 1024)
+        per_point = activations_per_point(self.model.net, x)
+        if self.predictor is predict_bn_refresh:  # a refresh per draw over the training data: all points at once
+            return self._streamed(lambda w, xb: predict_bn_refresh(self, w, xb), draws, num, x, per_point)
+        points = max(1, min(len(x), 4096, BUDGET // per_point))
+        predictor = self.predictor
+
+        def evaluate(w, xb):
+            if predictor is predict_params:
+                return predict_params(self, w, xb)
+            return predict_bnn(self.model, w, self.fixed, xb, chunk_size=max(1, BUDGET // (len(xb) * per_point)))
+
+        chunk = max(1, BUDGET // (points * per_point))
+        return StreamedPrediction(
+            evaluate, draws, num, x, draw_chunk=chunk, point_chunk=points, quantile_points=self._qpoints(num, len(x))
+        )
+
+    def _qpoints(self, num: int, n: int) -> int:
+        """Points per block of the quantile pass: ``[draws, points]`` float64 temporaries within BUDGET / 8."""
+        return max(1, min(n, BUDGET // 8 // num))
+
+    def _streamed(self, evaluate, draws, num, x, per_point) -> StreamedPrediction:
+        """Streamed over draws only (all points per call): Pyro models, BatchNorm refresh."""
+        chunk = max(1, BUDGET // (max(1, len(x)) * per_point))
+        return StreamedPrediction(evaluate, draws, num, x, draw_chunk=chunk, point_chunk=max(1, len(x)))
 
     def log_likelihood(self) -> torch.Tensor:
         """Pointwise log-likelihood of the training data, ``[chain, draw, N]``."""
@@ -193,7 +271,9 @@ class Posterior:
             self.info["save_warning"] = "; ".join(warnings)
             info["save_warning"] = self.info["save_warning"]
         payload = {
-            "samples": self.samples,
+            # draws made on demand are stored as their recipe (seed, counts), not as tensors
+            "samples": self._samples if self._lazy is None else {},
+            "draws": None if self._lazy is None else self._lazy.state(),
             "sample_stats": serialization.to_plain(self.sample_stats),
             "fixed": self.fixed,
             "x": self.data.x,
@@ -250,8 +330,8 @@ class Posterior:
             if stored["pickle"] is None:
                 raise ValueError("this file holds no model (it was not picklable when saved); pass model=")
             model = serialization.unpickle(stored["pickle"], map_location)
-        _check_model(model, stored["signature"], state)
         approximation = serialization.decode("approximation", state["approximation"])
+        _check_model(model, stored["signature"], state, approximation)
         return cls._from_state(model, state, approximation, serialization.decode("predictor", state["predictor"]))
 
     @classmethod
@@ -266,9 +346,10 @@ class Posterior:
     @classmethod
     def _from_state(cls, model, state: dict, approximation, predictor) -> Posterior:
         """A Posterior from a loaded file's fields (both formats), with its decoded extras."""
+        draws = state.get("draws")  # files of version 2 with draws made on demand
         return cls(
             model,
-            state["samples"],
+            state["samples"] if draws is None else LazyDraws(approximation, **draws),
             data=Data(state["x"], state["y"]),
             method=state["method"],
             sample_stats=state["sample_stats"],
@@ -279,8 +360,9 @@ class Posterior:
         )
 
     def __repr__(self) -> str:
-        sites = len(self.samples)
-        size = sum(math.prod(v.shape[2:]) for v in self.samples.values())
+        shapes = [s for _, s, _ in self._lazy.approximation.layout.sites] if self._samples is None else None
+        shapes = shapes or [v.shape[2:] for v in self.samples.values()]
+        sites, size = len(shapes), sum(math.prod(s) for s in shapes)
         return (
             f"Posterior(method={self.method!r}, chains={self.num_chains}, draws={self.num_draws}, "
             f"sites={sites}, dims={size})"
@@ -304,7 +386,7 @@ def _model_signature(model) -> dict:
     return {"kind": "pyro"}
 
 
-def _check_model(model, signature: dict, state: dict) -> None:
+def _check_model(model, signature: dict, state: dict, approximation=None) -> None:
     """ValueError naming how ``model`` differs from the one the file was saved with."""
     fix = "pass the model the posterior was fitted with"
     mine = _model_signature(model)
@@ -324,6 +406,8 @@ def _check_model(model, signature: dict, state: dict) -> None:
     import pyro.poutine as poutine
 
     latent = {k: tuple(v.shape[2:]) for k, v in state["samples"].items()}
+    if state.get("draws") is not None:  # draws made on demand: the approximation's sites
+        latent = {n: tuple(shape) for n, shape, _ in approximation.layout.sites}
     try:
         with torch.random.fork_rng(devices=[]), pyro.get_param_store().scope(), torch.no_grad():
             trace = poutine.trace(model).get_trace(state["x"], state["y"])

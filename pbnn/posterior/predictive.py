@@ -35,6 +35,9 @@ from pbnn.core.model import eval_mode
 
 __all__ = [
     "Prediction",
+    "StreamedPrediction",
+    "mixture_quantile",
+    "activations_per_point",
     "predict_bnn",
     "predict_pyro",
     "predict_params",
@@ -235,20 +238,10 @@ class Prediction:
         return d.cdf(torch.as_tensor(y, dtype=self.samples.dtype)).mean(0)
 
     def quantile(self, q: float) -> torch.Tensor:
-        """Quantile ``q`` of the predictive mixture (bisection on its CDF), regression only."""
+        """Quantile ``q`` of the predictive mixture (:func:`mixture_quantile`), regression only."""
         if self.is_classification:
             raise ValueError("quantile is defined for regression; for classification use interval()")
-        q = _probability(q, "q")
-        d, _ = _base(self.conditional)
-        mean, sd = d.mean, d.stddev
-        lo = (mean - 12 * sd).min(0).values
-        hi = (mean + 12 * sd).max(0).values
-        for _ in range(60):  # 60 halvings: far below float precision of the bracket
-            mid = (lo + hi) / 2
-            below = d.cdf(mid.expand_as(mean)).mean(0) < q
-            lo = torch.where(below, mid, lo)
-            hi = torch.where(below, hi, mid)
-        return (lo + hi) / 2
+        return mixture_quantile(_base(self.conditional)[0], _probability(q, "q")).to(self.samples.dtype)
 
     def interval(self, prob: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
         """Central ``prob`` interval ``(lower, upper)``.
@@ -266,6 +259,266 @@ class Prediction:
     def __repr__(self) -> str:
         kind = "classification" if self.is_classification else "regression"
         return f"Prediction({kind}, draws={self.num_draws}, points={self.samples.shape[1]})"
+
+
+def mixture_quantile(d: Distribution, q: float, max_iter: int = 100) -> torch.Tensor:
+    """Quantile ``q`` of the equal mixture over dim 0 of ``d`` (batch ``[S, ...]``), for all points
+    at once: Newton's method on the mixture CDF, in float64, kept inside a shrinking bisection
+    bracket (a step that leaves it, or a zero density, bisects instead). Starts at the quantile
+    of the moment-matched normal; stops when every point's step is below ``1e-12`` of the
+    initial bracket ``[min_s(mean_s - 12 sd_s), max_s(mean_s + 12 sd_s)]``.
+
+    Example:
+        >>> from torch.distributions import Normal
+        >>> d = Normal(torch.tensor([[-1.0], [1.0]]), torch.tensor([[1.0], [1.0]]))   # 2 draws, 1 point
+        >>> round(float(mixture_quantile(d, 0.75)), 6)
+        1.050544
+        >>> round(float(mixture_quantile(Normal(torch.zeros(1, 1), 1.0), 0.975)), 6)
+        1.959964
+    """
+    if isinstance(d, (dist.Normal, dist.Laplace, dist.Cauchy)) or type(d) in (
+        torch.distributions.Normal,
+        torch.distributions.Laplace,
+        torch.distributions.Cauchy,
+    ):
+        d = type(d)(d.loc.double(), d.scale.double())
+    mean, sd = d.mean, d.stddev
+    lo, hi = (mean - 12 * sd).min(0).values, (mean + 12 * sd).max(0).values
+    tol = 1e-12 * (hi - lo)
+    m = mean.mean(0)  # the moment-matched normal's quantile: within a few Newton steps of the root
+    s = (d.variance.mean(0) + mean.var(0, unbiased=False)).sqrt()
+    x = (m + s * math.sqrt(2) * torch.erfinv(torch.tensor(2 * q - 1, dtype=m.dtype))).clamp(lo, hi)
+    for _ in range(max_iter):
+        below = d.cdf(x).mean(0) - q
+        lo, hi = torch.where(below < 0, x, lo), torch.where(below < 0, hi, x)
+        new = x - below / d.log_prob(x).exp().mean(0)
+        new = torch.where((new > lo) & (new < hi), new, (lo + hi) / 2)
+        done = bool(((new - x).abs() <= tol).all())
+        x = new
+        if done:
+            break
+    return x
+
+
+# ------------------------------------------------------------------------- streaming
+# Numbers one block of the streamed predictive may hold: activations of a vmap call, and
+# [draws, points] in the quantile pass (64 MB of float32; bounds peak memory, not draws).
+BUDGET = 2**24
+
+
+def _slices(n: int, size: int):
+    return [slice(i, min(i + size, n)) for i in range(0, n, max(1, size))]
+
+
+def activations_per_point(net: nn.Module, x: torch.Tensor) -> int:
+    """Numbers the leaf modules of ``net`` output for one input row (probed in eval mode, no
+    grad; 1024 when the probe fails), to size chunks of draws and points."""
+    total = 0
+
+    def hook(module, inputs, out):
+        nonlocal total
+        if isinstance(out, torch.Tensor):
+            total += out.numel()
+
+    leaves = [m for m in net.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(x[:1])
+    except Exception:  # a net that does not take a single row: fall back to a wide guess
+        total = 1024
+    finally:
+        net.train(was_training)
+        for h in handles:
+            h.remove()
+    return max(1, total)
+
+
+class StreamedPrediction(Prediction):
+    """A :class:`Prediction` whose summaries are computed over blocks of draws and points, so
+    memory does not grow with the number of draws; ``samples`` / ``conditional`` are built
+    (and kept) only when asked for.
+
+    Args:
+        evaluate: ``evaluate(draws, x_block) -> Prediction`` for flat draws ``{site: [s, ...]}``.
+        draws: ``draws(start, stop) -> {site: [stop - start, ...]}``.
+        num_draws: ``S``.
+        x: the inputs ``[N, ...]``.
+        draw_chunk, point_chunk: block sizes of the moments pass.
+        quantile_points: points per block of the quantile pass (all draws at once); ``None``
+            for ``point_chunk``.
+
+    At construction one pass over the blocks accumulates, in float64, the per-point sums the
+    moments need (the means' mean and, by Chan et al.'s pairwise update, their sum of squared
+    deviations; the mean noise variance; for classification the mean entropy). ``log_prob``,
+    ``pointwise_log_likelihood`` and ``cdf`` stream over the blocks again; ``quantile`` and
+    ``interval`` take all draws for ``quantile_points`` points at a time.
+
+    Example:
+        >>> import torch, pbnn
+        >>> from pyro.distributions import Normal
+        >>> f = torch.randn(50, 7, 1)
+        >>> full = pbnn.Prediction(f, Normal(f[..., 0], 0.5))
+        >>> streamed = StreamedPrediction(lambda w, x: pbnn.Prediction(w["f"][:, x], Normal(w["f"][:, x, 0], 0.5)),
+        ...                               lambda a, b: {"f": f[a:b]}, 50, torch.arange(7), draw_chunk=8, point_chunk=3)
+        >>> y = torch.zeros(7)
+        >>> torch.allclose(streamed.variance, full.variance), torch.allclose(streamed.log_prob(y), full.log_prob(y))
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        evaluate: Callable,
+        draws: Callable,
+        num_draws: int,
+        x: torch.Tensor,
+        *,
+        draw_chunk: int,
+        point_chunk: int,
+        quantile_points: int | None = None,
+    ) -> None:
+        self._evaluate, self._draws, self._x = evaluate, draws, x
+        self._num_draws, self._num_points = int(num_draws), len(x)
+        self._draw_slices = _slices(self._num_draws, draw_chunk)
+        self._point_slices = _slices(self._num_points, point_chunk)
+        self._quantile_points = quantile_points or point_chunk
+        self._full: Prediction | None = None
+        self._template: Prediction | None = None
+        n = 0
+        mean = m2 = alea = ent = None
+        for ds in self._draw_slices:
+            w = self._draws(ds.start, ds.stop)
+            for ps in self._point_slices:
+                blk = self._evaluate(w, self._x[ps])
+                m, v = (t.double() for t in blk._per_draw_moments())
+                if mean is None:
+                    self.is_classification = blk.is_classification
+                    self._dtype = blk.samples.dtype
+                    shape = (self._num_points,) + tuple(m.shape[2:])
+                    mean, m2, alea = (torch.zeros(shape, dtype=torch.double) for _ in range(3))
+                    ent = torch.zeros(self._num_points, dtype=torch.double)
+                k = m.shape[0]
+                mb = m.mean(0)
+                delta = mb - mean[ps]
+                m2[ps] += ((m - mb) ** 2).sum(0) + delta**2 * (n * k / (n + k))
+                mean[ps] += delta * (k / (n + k))
+                alea[ps] += v.sum(0)
+                if blk.is_classification:
+                    ent[ps] += self._entropy(blk._probs_per_draw().double()).sum(0)
+            n += ds.stop - ds.start
+        self._mean, self._m2, self._alea, self._ent = mean, m2, alea, ent
+        self._single = len(self._draw_slices) == len(self._point_slices) == 1
+        if self._single:  # one block: keep it
+            self._full = blk
+
+    # ---------------------------------------------------------------- materialised on request
+    def _materialised(self) -> Prediction:
+        if self._full is None:
+            self._full = self._evaluate(self._draws(0, self._num_draws), self._x)
+        return self._full
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """Network outputs per draw ``[S, N, out]``: evaluated (and kept) on first access."""
+        return self._materialised().samples
+
+    @property
+    def conditional(self) -> Distribution:
+        """``p(y | x, theta_s)`` with batch ``[S, N]``: evaluated (and kept) on first access."""
+        return self._materialised().conditional
+
+    @property
+    def num_draws(self) -> int:
+        return self._num_draws
+
+    def _blocks(self):
+        for ds in self._draw_slices:
+            w = self._draws(ds.start, ds.stop)
+            yield ds, [(ps, self._evaluate(w, self._x[ps])) for ps in self._point_slices]
+
+    # ---------------------------------------------------------------- summaries (streamed)
+    # One block (a small prediction): Prediction's own reductions of it, the same numbers as before.
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._full.mean if self._single else self._mean.to(self._dtype)
+
+    @property
+    def aleatoric_variance(self) -> torch.Tensor:
+        return self._full.aleatoric_variance if self._single else (self._alea / self._num_draws).to(self._dtype)
+
+    @property
+    def epistemic_variance(self) -> torch.Tensor:
+        return self._full.epistemic_variance if self._single else (self._m2 / self._num_draws).to(self._dtype)
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        if self._single:
+            return self._full.entropy
+        p = self._mean
+        return self._entropy(torch.stack([1 - p, p], -1) if p.dim() == 1 else p).to(self._dtype)
+
+    @property
+    def aleatoric_entropy(self) -> torch.Tensor:
+        return self._full.aleatoric_entropy if self._single else (self._ent / self._num_draws).to(self._dtype)
+
+    def _check_targets(self, y) -> torch.Tensor:
+        if self._single:
+            return self._full._check_targets(y)
+        if self._template is None:  # one draw at every point: the checks and messages of the full prediction
+            self._template = self._evaluate(self._draws(0, 1), self._x)
+        return self._template._check_targets(y)
+
+    def pointwise_log_likelihood(self, y: torch.Tensor) -> torch.Tensor:
+        if self._single:
+            return self._full.pointwise_log_likelihood(y)
+        y = self._check_targets(y)
+        rows = [torch.cat([blk.conditional.log_prob(y[ps]) for ps, blk in row], -1) for _, row in self._blocks()]
+        return torch.cat(rows, 0)
+
+    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        if self._single:
+            return self._full.log_prob(y)
+        y = self._check_targets(y)
+        total = torch.full((self._num_points,), -math.inf, dtype=torch.double)
+        for _, row in self._blocks():
+            for ps, blk in row:
+                total[ps] = torch.logaddexp(total[ps], torch.logsumexp(blk.conditional.log_prob(y[ps]).double(), 0))
+        return (total - math.log(self._num_draws)).to(self._dtype)
+
+    def cdf(self, y: torch.Tensor) -> torch.Tensor:
+        if self._single:
+            return self._full.cdf(y)
+        y = torch.as_tensor(y, dtype=self._dtype)
+        total = torch.zeros(self._mean.shape, dtype=torch.double)
+        for _, row in self._blocks():
+            for ps, blk in row:
+                total[ps] += _base(blk.conditional)[0].cdf(y[ps]).double().sum(0)
+        return (total / self._num_draws).to(self._dtype)
+
+    def _by_points(self, fn) -> list[torch.Tensor]:
+        """``fn(prediction with all draws)`` over blocks of ``quantile_points`` points, joined."""
+        if self._single:
+            return list(fn(self._full))
+        w = self._draws(0, self._num_draws)
+        outs = [fn(self._evaluate(w, self._x[ps])) for ps in _slices(self._num_points, self._quantile_points)]
+        return [torch.cat(parts, 0) for parts in zip(*outs)]
+
+    def quantile(self, q: float) -> torch.Tensor:
+        if self.is_classification:
+            raise ValueError("quantile is defined for regression; for classification use interval()")
+        q = _probability(q, "q")
+        return self._by_points(lambda blk: (blk.quantile(q),))[0]
+
+    def interval(self, prob: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+        prob = _probability(prob, "prob")
+        lo, hi = self._by_points(lambda blk: blk.interval(prob))
+        return lo, hi
+
+    def __repr__(self) -> str:
+        kind = "classification" if self.is_classification else "regression"
+        return f"Prediction({kind}, draws={self._num_draws}, points={self._num_points}, streamed)"
 
 
 # ------------------------------------------------------------------------- builders

@@ -52,7 +52,7 @@ __all__ = [
 
 MAGIC = b"PBNN-POSTERIOR\n"
 FORMAT = "pbnn.posterior"
-VERSION = 1
+VERSION = 2  # 2: draws made on demand are stored as a recipe ("draws"), not as tensors
 
 # tag -> (kind, class or function); kind is "approximation" or "predictor"
 _REGISTRY: dict[str, tuple[str, Any]] = {}
