@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 
-from pbnn.core.data import validate
+from pbnn.core.data import Data, LoaderData, validate
 from pbnn.core.potential import Potential
 from pbnn.engine.distributed import check_timeout, data_parallel
 from pbnn.infer.base import Backend, make_backend
@@ -32,18 +32,22 @@ __all__ = ["fit"]
 def fit(
     model,
     x,
-    y,
+    y=None,
     method: str | Backend = "svi",
     *,
     distributed: bool = False,
     timeout: float | None = None,
     **options,
 ) -> Posterior:
-    """Fit ``model`` to ``(x, y)`` with an inference backend and return its Posterior.
+    """Fit ``model`` to ``(x, y)``, or to the batches of a loader, with an inference backend and
+    return its Posterior.
 
     Args:
         model: a :class:`pbnn.BNN` or a hand-written Pyro model ``model(x, y=None)``.
-        x: inputs ``[N, ...]`` (tensor or array).
+        x: inputs ``[N, ...]`` (tensor or array); or, with ``y`` left out, the data as a whole:
+            a ``torch.utils.data.DataLoader`` or any re-iterable of ``(x, y)`` batches (read
+            as it is: its batch size, sampler, workers; see docs/model.md, Data), or a
+            map-style ``Dataset`` of ``(x_i, y_i)`` items (stacked into tensors).
         y: targets ``[N]`` / ``[N, D]`` (regression) or class labels ``[N]`` (classification).
         method: a method name (see ``pbnn.infer.BACKENDS``) or a backend object such as
             ``pbnn.infer.SVI(guide="full_rank")``.
@@ -61,9 +65,11 @@ def fit(
         **options: the backend's constructor arguments, when ``method`` is a name.
 
     Raises:
-        ValueError: for bad data (NaN/inf, mismatched lengths, bad labels, empty data),
-            an unknown method or an unknown option, or a ``timeout`` that is not a positive
-            number or comes without ``distributed=True``.
+        ValueError: for bad data (NaN/inf, mismatched lengths, bad labels, empty data; in a
+            loader's batch: named by its position), an unknown method or an unknown option,
+            ``batch_size=`` with a loader (the loader sets it), or a ``timeout`` that is not a
+            positive number or comes without ``distributed=True``.
+        TypeError: for a generator or other one-shot iterator as data (it cannot be re-read).
 
     Example:
         >>> import torch, pbnn
@@ -72,11 +78,28 @@ def fit(
         >>> post = pbnn.fit(pbnn.BNN(net), x, y, method="map", num_steps=200, progress=False)
         >>> post.method
         'map'
+
+        The same data from a DataLoader (batches of 10, each step takes the next one):
+
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> loader = DataLoader(TensorDataset(x, y), batch_size=10, shuffle=True)
+        >>> post = pbnn.fit(pbnn.BNN(net), loader, method="map", num_steps=200, progress=False)
+        >>> len(post.data)
+        50
     """
     if timeout is not None and not distributed:
         raise ValueError("timeout= applies to distributed fits only: pass distributed=True as well, or drop timeout")
     check_timeout(timeout)
     backend = make_backend(method, **options)
-    potential = Potential(model, validate(model, x, y))  # the one model interface of this fit
+    data = validate(model, x, y)
+    if isinstance(data, LoaderData):
+        if getattr(backend, "batch_size", None) is not None:
+            raise ValueError(
+                f"batch_size={backend.batch_size} is set on the method, but the data come from a loader, "
+                "whose own batch size pbnn uses: drop batch_size= (or build the loader with that batch size)"
+            )
+        if backend.full_batch:  # all the data in memory, or an error naming the minibatch methods
+            data = Data(*data.tensors())
+    potential = Potential(model, data)  # the one model interface of this fit
     with data_parallel(timeout=timeout) if distributed else contextlib.nullcontext():
         return backend.fit(potential)

@@ -1,8 +1,16 @@
-"""Input checks shared by every backend: bad data fails early with a message that says the fix."""
+"""Training data and the input checks shared by every backend: bad data fails early with a
+message that says the fix.
+
+Data comes in as tensors (:class:`Data`) or as a re-iterable of ``(x, y)`` batches such as a
+``torch.utils.data.DataLoader`` (:class:`LoaderData`: every batch is checked as it is read).
+Both answer ``rows(idx)`` (the rows of a minibatch: index tensor or :class:`Batch`, with the
+likelihood scale ``N / B``) and ``head()`` (rows to probe the network with).
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,13 +18,46 @@ import torch
 
 from pbnn.core.model import eval_mode
 
-__all__ = ["Data", "FitWarning", "as_tensor", "validate", "check_inputs", "scale_warning"]
+__all__ = [
+    "Data",
+    "Batch",
+    "LoaderData",
+    "FitWarning",
+    "MAX_FULL_BATCH_BYTES",
+    "as_tensor",
+    "validate",
+    "check_inputs",
+    "scale_warning",
+]
+
+MAX_FULL_BATCH_BYTES = 2**30
+"""Largest data (bytes of ``x`` and ``y``) pbnn concatenates from a loader or Dataset into
+tensors, for full-batch methods (NUTS, HMC, MH, Laplace's curvature) and a Posterior's
+``log_likelihood()`` / ``to_arviz()`` / ``save()``. Larger data raise a ValueError that names
+the minibatch methods; assign ``pbnn.core.data.MAX_FULL_BATCH_BYTES`` to change it."""
+
+MINIBATCH_METHODS = "map, svi, sgld, sghmc, psgld, csgld, csghmc, ensemble, swa, swag, multiswag, fge, mc-dropout"
 
 
 class FitWarning(UserWarning):
     """A fit that ran but is likely useless: data far from standardised, a training loss
     that rose, chains that never moved. A UserWarning, so it shows by default; silence it
     with ``warnings.filterwarnings("ignore", category=pbnn.core.data.FitWarning)``."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One validated minibatch ``(x, y)`` read from a loader (in place of row indices)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def tensor_split(self, k: int) -> list[Batch]:
+        """``k`` consecutive parts (micro-batches), as ``Tensor.tensor_split``."""
+        return [Batch(x, y) for x, y in zip(self.x.tensor_split(k), self.y.tensor_split(k))]
 
 
 @dataclass
@@ -28,6 +69,135 @@ class Data:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    def rows(self, idx: torch.Tensor | Batch | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(x, y, scale)`` of a minibatch: ``idx`` row indices, a :class:`Batch`, or None
+        (all rows, scale 1); the log-likelihood of the rows is scaled by ``scale = N / B``."""
+        if idx is None:
+            return self.x, self.y, 1.0
+        if isinstance(idx, Batch):
+            return idx.x, idx.y, len(self) / len(idx)
+        return self.x[idx], self.y[idx], len(self) / idx.shape[0]
+
+    def head(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``rows`` rows (None: all) as ``(x, y)``."""
+        return self.x[:rows], self.y[:rows]
+
+
+class LoaderData:
+    """Training data behind a re-iterable of ``(x, y)`` batches (a ``DataLoader``).
+
+    Built by :func:`validate`. ``len()`` is the number of rows ``N`` (the loader's sampler, or
+    counted on a first pass); :meth:`batches` yields checked :class:`Batch` objects, one pass
+    over the loader as it is (its batch size, sampler, workers, ``drop_last``); ``x`` / ``y``
+    concatenate all batches once (cached) for full-batch computations, up to
+    :data:`MAX_FULL_BATCH_BYTES`.
+
+    Example:
+        >>> import torch, pbnn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> model = pbnn.BNN(torch.nn.Linear(2, 1))
+        >>> loader = DataLoader(TensorDataset(torch.randn(10, 2), torch.randn(10)), batch_size=4)
+        >>> data = pbnn.data.validate(model, loader)
+        >>> len(data), [len(b) for b in data.batches()], tuple(data.x.shape)
+        (10, [4, 4, 2], (10, 2))
+    """
+
+    def __init__(self, source: Iterable, check: Callable[[object, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.source, self._check, self._full = source, check, None
+        sampler = getattr(source, "sampler", None)
+        self.sharded = getattr(sampler, "num_replicas", 1) > 1  # a DistributedSampler's shard of the data
+        with torch.random.fork_rng(devices=[]):  # reading ahead never moves the fit's random stream
+            self.first = Batch(*check(_first(source), 0))
+            n = _declared_rows(source)
+            if n is None:  # no sampler length (an IterableDataset, a list of batches): count once
+                n = sum(len(b) for b in self.batches())
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batches(self) -> Iterator[Batch]:
+        """One pass over the loader: checked batches (errors name the batch's position)."""
+        for i, b in enumerate(self.source):
+            yield Batch(*self._check(b, i))
+
+    def rows(self, idx: Batch | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """As :meth:`Data.rows`; ``idx`` is a :class:`Batch` (row indices have no meaning here)."""
+        if idx is None:
+            return self.x, self.y, 1.0
+        if not isinstance(idx, Batch):
+            raise TypeError(
+                "data from a loader has no row indices: minibatches come from the loader itself "
+                "(a pbnn.data.Batch); this computation needs tensors x, y"
+            )
+        return idx.x, idx.y, self.n / len(idx)
+
+    def head(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first batch's first ``rows`` rows (None: the whole first batch)."""
+        return self.first.x[:rows], self.first.y[:rows]
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.tensors()[0]
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.tensors()[1]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All batches concatenated (once, cached), within :data:`MAX_FULL_BATCH_BYTES`."""
+        if self._full is None:
+            if self.sharded:
+                raise ValueError(
+                    "this computation needs all the data, but the loader's DistributedSampler gives this "
+                    "rank only its shard: full-batch methods (nuts, hmc, mh, laplace) and methods that "
+                    "spread chains or members over the ranks need a loader with a plain sampler on every rank"
+                )
+            xs, ys, size = [], [], 0
+            with torch.random.fork_rng(devices=[]):
+                for b in self.batches():
+                    size += _nbytes(b.x) + _nbytes(b.y)
+                    if size > MAX_FULL_BATCH_BYTES:
+                        raise ValueError(
+                            f"the data from the loader exceed pbnn.core.data.MAX_FULL_BATCH_BYTES "
+                            f"({MAX_FULL_BATCH_BYTES} bytes), the most pbnn concatenates for a full-batch "
+                            "computation (NUTS / HMC / MH, Laplace's curvature, Posterior.log_likelihood / "
+                            f"to_arviz / save); use a minibatch method ({MINIBATCH_METHODS}), or raise "
+                            "the limit if the data fit in memory"
+                        )
+                    xs.append(b.x)
+                    ys.append(b.y)
+            self._full = (torch.cat(xs), torch.cat(ys))
+        return self._full
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _first(source: Iterable):
+    for b in source:
+        return b
+    raise ValueError("the data yielded no batches; pass a loader over at least one example")
+
+
+def _declared_rows(source) -> int | None:
+    """Rows per epoch as the loader declares them: the dataset's size behind a DistributedSampler
+    (every rank's shard together), else the sampler's length; None when there is none."""
+    from torch.utils.data import BatchSampler, DataLoader
+
+    if not isinstance(source, DataLoader):
+        return None
+    sampler = source.sampler
+    if getattr(sampler, "num_replicas", 1) > 1:  # DistributedSampler
+        return len(sampler.dataset)
+    if source.batch_sampler is not None and type(source.batch_sampler) is not BatchSampler:
+        return None  # a custom batch sampler may skip or repeat rows: count them
+    try:
+        return len(sampler)
+    except TypeError:  # an IterableDataset's sampler has no length
+        return None
 
 
 def as_tensor(a, name: str, *, float_only: bool = False) -> torch.Tensor:
@@ -53,9 +223,119 @@ def as_tensor(a, name: str, *, float_only: bool = False) -> torch.Tensor:
     return a
 
 
-def validate(model, x, y) -> Data:
+def validate(model, x, y=None) -> Data | LoaderData:
     """Check ``x`` and ``y`` for a model; for a :class:`pbnn.BNN` also check the targets
-    against the likelihood and the network's output size."""
+    against the likelihood and the network's output size.
+
+    With ``y`` None, ``x`` is the data as a whole: a ``torch.utils.data.DataLoader`` or any
+    re-iterable of ``(x, y)`` batches (-> :class:`LoaderData`, every batch checked as it is
+    read: the first one here, against the network), or a map-style ``Dataset`` whose items
+    are ``(x_i, y_i)`` (-> :class:`Data`, stacked into tensors). A hand-written Pyro model
+    gets its loader concatenated into tensors (within :data:`MAX_FULL_BATCH_BYTES`).
+    """
+    if y is None:
+        if isinstance(x, (torch.Tensor, np.ndarray)) or x is None:
+            raise ValueError(
+                "y is missing: pass fit(model, x, y), or fit(model, loader) with a loader of (x, y) batches"
+            )
+        return _validate_source(model, x)
+    if _is_data_source(x):
+        raise ValueError(
+            f"x is a {type(x).__name__} and y is given too: pass the loader or Dataset alone, fit(model, data), "
+            "with (x, y) batches or items"
+        )
+    return _validate_tensors(model, x, y)
+
+
+def _is_data_source(x) -> bool:
+    from torch.utils.data import DataLoader, Dataset
+
+    return isinstance(x, (DataLoader, Dataset))
+
+
+def _validate_source(model, source) -> Data | LoaderData:
+    from torch.utils.data import Dataset, IterableDataset, TensorDataset, default_collate
+
+    if isinstance(source, TensorDataset):
+        if len(source.tensors) != 2:
+            raise ValueError(f"a TensorDataset must hold two tensors (x, y), got {len(source.tensors)}")
+        return _validate_tensors(model, *source.tensors)
+    if isinstance(source, IterableDataset):
+        raise TypeError(
+            f"{type(source).__name__} is an IterableDataset (it yields single examples): wrap it as "
+            "DataLoader(dataset, batch_size=...) so that pbnn reads (x, y) batches"
+        )
+    if isinstance(source, Dataset):  # map-style: items (x_i, y_i), stacked into tensors
+        if not hasattr(source, "__len__") or len(source) == 0:
+            raise ValueError(f"the Dataset {type(source).__name__} has no length or no items; pass a DataLoader")
+        first = _pair(source[0], "item 0 of the Dataset", "a Dataset whose items are (x_i, y_i)")
+        size = len(source) * sum(_nbytes(torch.as_tensor(a)) for a in first)
+        if size > MAX_FULL_BATCH_BYTES:
+            raise ValueError(
+                f"the Dataset holds about {size} bytes, more than pbnn.core.data.MAX_FULL_BATCH_BYTES "
+                f"({MAX_FULL_BATCH_BYTES}) that pbnn stacks into tensors: pass DataLoader(dataset, "
+                "batch_size=..., shuffle=True) instead"
+            )
+        x, y = _pair(default_collate([source[i] for i in range(len(source))]), "the Dataset", "")
+        return _validate_tensors(model, x, y)
+    try:
+        one_shot = iter(source) is source
+    except TypeError:
+        raise TypeError(
+            f"data of type {type(source).__name__} is neither tensors nor a DataLoader / Dataset / "
+            "re-iterable of (x, y) batches; pass fit(model, x, y) or fit(model, loader)"
+        ) from None
+    if one_shot:
+        raise TypeError(
+            f"data is a one-shot {type(source).__name__} (a generator or iterator): pbnn passes over the "
+            "data many times and it can be read only once; pass a DataLoader, a list of (x, y) batches, "
+            "or an object whose __iter__ starts a fresh pass"
+        )
+    from pbnn.core.model import BNN  # local: data checks sit below the model in the import graph
+
+    state: dict = {}
+
+    def check(b, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        where = f"batch {i} of the data"
+        bx, by = _pair(b, where, "a DataLoader over a TensorDataset(x, y) or a Dataset whose items are (x_i, y_i)")
+        if not state:  # the first batch: the full checks, against the network
+            d = _validate_tensors(model, bx, by, where)
+            state.update(row=tuple(d.x.shape[1:]), out=model.output_dim(d.x) if isinstance(model, BNN) else None)
+            return d.x, d.y
+        bx, by = as_tensor(bx, f"x of {where}", float_only=True), as_tensor(by, f"y of {where}")
+        if bx.shape[0] != by.shape[0]:
+            raise ValueError(f"{where}: x and y have different numbers of rows ({bx.shape[0]} and {by.shape[0]})")
+        if tuple(bx.shape[1:]) != state["row"]:
+            raise ValueError(
+                f"{where}: x has rows of shape {tuple(bx.shape[1:])}, the first batch had {state['row']}; "
+                "every batch must hold the same kind of rows"
+            )
+        if state["out"] is not None:
+            try:
+                by = model.likelihood.validate_targets(by, state["out"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+        return bx, by
+
+    data = LoaderData(source, check)
+    if not isinstance(model, BNN):  # a Pyro model is traced on tensors
+        return Data(*data.tensors())
+    return data
+
+
+def _pair(b, where: str, fix: str) -> tuple:
+    if isinstance(b, (tuple, list)) and len(b) == 2:
+        return b[0], b[1]
+    what = f"{type(b).__name__} of length {len(b)}" if isinstance(b, (tuple, list)) else type(b).__name__
+    raise ValueError(f"{where} is a {what}, not an (x, y) pair" + (f"; pass {fix}" if fix else ""))
+
+
+def _validate_tensors(model, x, y, where: str = "") -> Data:
+    if where:  # name the batch in every message
+        try:
+            return _validate_tensors(model, x, y)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     x = as_tensor(x, "x", float_only=True)
     y = as_tensor(y, "y")
     if x.shape[0] != y.shape[0]:
@@ -158,11 +438,12 @@ def scale_warning(model, data: Data) -> str | None:
     from pbnn.core.model import BNN  # local: data checks sit below the model in the import graph
 
     found = []
-    x_off = _off_scale(data.x)
+    x, y = data.head()  # a loader's first batch
+    x_off = _off_scale(x)
     if x_off:
         found.append(f"inputs x ({x_off})")
     classification = isinstance(model, BNN) and model.likelihood.is_classification
-    y_off = None if classification else _off_scale(data.y)
+    y_off = None if classification else _off_scale(y)
     if y_off:
         found.append(f"targets y ({y_off})")
     if not found:

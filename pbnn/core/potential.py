@@ -28,7 +28,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import ComposeTransform, Transform, biject_to, constraints
 
-from pbnn.core.data import Data
+from pbnn.core.data import Batch, Data, LoaderData
 from pbnn.core.model import BNN
 
 __all__ = ["SiteLayout", "Potential", "BNNPotential", "PyroPotential", "accepts_subsample"]
@@ -130,7 +130,7 @@ class Potential:
 
     layout: SiteLayout
     model: Callable
-    data: Data
+    data: Data | LoaderData
     fixed: dict[str, torch.Tensor]
 
     # ------------------------------------------------------------------ layout
@@ -178,13 +178,14 @@ class Potential:
     def log_joint(
         self,
         z: torch.Tensor,
-        idx: torch.Tensor | None = None,
+        idx: torch.Tensor | Batch | None = None,
         fixed: dict[str, torch.Tensor] | None = None,
         jacobian: bool = True,
     ) -> torch.Tensor:
         """Log joint density at one ``z`` ``[D]``.
 
-        ``idx`` selects a minibatch; its log-likelihood is scaled by ``N / len(idx)``.
+        ``idx`` selects a minibatch: row indices, or a :class:`pbnn.data.Batch` read from a
+        loader (the log joint on that batch); its log-likelihood is scaled by ``N / len(idx)``.
         ``fixed`` supplies values for the model's point-estimate parameters (default
         :attr:`fixed`). ``jacobian=False`` drops the log Jacobian: the density of the
         constrained values, whose maximiser is the MAP (as Pyro's ``AutoDelta`` computes it).
@@ -192,7 +193,7 @@ class Potential:
         raise NotImplementedError
 
     def log_joint_batch(
-        self, z: torch.Tensor, idx: torch.Tensor | None = None, fixed: dict | None = None
+        self, z: torch.Tensor, idx: torch.Tensor | Batch | None = None, fixed: dict | None = None
     ) -> torch.Tensor:
         """:meth:`log_joint` for ``z`` ``[P, D]``."""
         return torch.stack([self.log_joint(zz, idx, fixed) for zz in z])
@@ -203,17 +204,17 @@ class BNNPotential(Potential):
 
     Args:
         model: the BNN.
-        data: validated training data.
+        data: validated training data (tensors, or a loader's :class:`pbnn.data.LoaderData`).
         order: optional site order (e.g. an autoguide's); default: weights, prior
             hyper-parameters, likelihood noise sites.
     """
 
     kind = "bnn"
 
-    def __init__(self, model: BNN, data: Data, order: list[str] | None = None) -> None:
+    def __init__(self, model: BNN, data: Data | LoaderData, order: list[str] | None = None) -> None:
         self.model = model
         self.data = data
-        self.out_dim = model.output_dim(data.x)
+        self.out_dim = model.output_dim(data.head()[0])
         params = dict(model.net.named_parameters())
         specs: dict[str, tuple[torch.Size, Transform]] = {}
         for n in model.bayesian_names:
@@ -267,10 +268,7 @@ class BNNPotential(Potential):
 
     def log_joint(self, z, idx=None, fixed=None, jacobian=True):
         sample, log_det = self.unpack(z)
-        x, y = self.data.x, self.data.y
-        scale = 1.0
-        if idx is not None:
-            x, y, scale = x[idx], y[idx], len(self.data) / idx.shape[0]
+        x, y, scale = self.data.rows(idx)
         ll = self.model.log_likelihood(sample, x, y, self.fixed if fixed is None else fixed).sum()
         lp = self._log_prior(z, sample) + scale * ll
         return lp + log_det if jacobian else lp

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from pbnn.core.data import LoaderData
 from pbnn.engine import distributed
-from pbnn.engine.optim import batch_indices, fit_map, resolve_batch_size
+from pbnn.engine.optim import LoaderBatches, _peek_seed, batch_indices, fit_map, resolve_batch_size
 from pbnn.kernels import hmc, mh, sgmcmc
 from pbnn.kernels.hmc import Target
 
@@ -317,20 +318,28 @@ def warm_start(potential, z: torch.Tensor, *, num_steps: int, batch_size: int | 
 # ---------------------------------------------------------------------------- SG-MCMC gradient
 def sg_gradient(potential, batch_size: int | None, generator: torch.Generator, compile: bool = False, method="sgld"):
     """``z [D] ->`` gradient of the per-datum minibatch loss ``-log p~(z) / N``, minibatches drawn
-    from ``generator`` (data-parallel over ranks). NaN/inf must reach the divergence guard."""
+    from ``generator`` (data-parallel over ranks), or read from the loader as it is when the
+    potential's data is a :class:`pbnn.data.LoaderData` (uncompiled: batch shapes vary).
+    NaN/inf must reach the divergence guard."""
     n = len(potential.data)
-    batch = resolve_batch_size(batch_size, n)
-    potential.require(method, minibatch=batch is not None)
-    if batch and distributed.is_active():  # data-parallel: each rank takes its share of a K-times larger batch
-        batch *= distributed.world_size()
-    batches = batch_indices(n, batch, generator) if batch else None
+    if isinstance(potential.data, LoaderData):
+        distributed.check_loader(potential.data.sharded, split=distributed.is_active())
+        read = LoaderBatches(potential.data, _peek_seed(generator))  # leaves the noise stream as it is
+        batch, compile = True, False
+    else:
+        batch = resolve_batch_size(batch_size, n)
+        potential.require(method, minibatch=batch is not None)
+        if batch and distributed.is_active():  # data-parallel: each rank takes its share of a K-times larger batch
+            batch *= distributed.world_size()
+        stream = batch_indices(n, batch, generator) if batch else None
+        read = (lambda: next(stream)) if stream is not None else None
     target = Target(
         lambda z, idx: potential.log_joint(z[0], idx)[None], compile=compile and potential.kind == "bnn", sanitise=False
     )
     rows_split = potential.kind == "bnn" or batch is not None  # a full-batch Pyro model cannot take a row subset
 
     def grad(z: torch.Tensor) -> torch.Tensor:
-        idx = next(batches) if batches is not None else None
+        idx = read() if read is not None else None
         if rows_split and distributed.is_active():
             z = z.detach().requires_grad_(True)
             g = distributed.data_parallel_grad(lambda rows: potential.log_joint(z, rows), z, idx, n)

@@ -36,6 +36,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from pbnn.core.data import Batch
+
 __all__ = [
     "data_parallel",
     "is_active",
@@ -55,6 +57,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DistributedTimeoutError",
     "check_timeout",
+    "check_loader",
 ]
 
 T = TypeVar("T")
@@ -88,6 +91,28 @@ def check_timeout(timeout: float | None) -> float:
             f"in one collective), got {timeout!r}; e.g. timeout=600, or leave it out for {DEFAULT_TIMEOUT:g} s"
         )
     return float(timeout)
+
+
+def check_loader(sharded: bool, *, split: bool) -> None:
+    """A loader's sampler against how it is read: a data-parallel trainer (``split``: each rank
+    one share of every batch) needs a ``DistributedSampler``; a trainer that runs on one rank
+    alone (members, chains) needs all the data, so no ``DistributedSampler`` shard.
+
+    Example:
+        >>> check_loader(False, split=False)
+    """
+    if split and not sharded:
+        raise ValueError(
+            f"distributed=True trains data-parallel over {world_size()} ranks, so each rank must read its own "
+            "share of the data: build the loader with sampler=torch.utils.data.DistributedSampler(dataset) "
+            "(pbnn calls its set_epoch every pass)"
+        )
+    if sharded and not split:
+        raise ValueError(
+            "the loader's DistributedSampler gives this rank only its shard, but this trainer runs on one rank "
+            "alone (ensemble / MultiSWAG members, separate chains) and needs all the data: pass a loader with a "
+            "plain sampler on every rank"
+        )
 
 
 def _run(op: str, start: Callable[[], Any]) -> None:
@@ -177,6 +202,7 @@ def data_parallel_grad(
     """Gradient in ``z`` of ``log_joint`` on the global minibatch ``idx`` (None: all ``n`` rows),
     as one process computes it: each rank weights its share of ``idx`` by its size and the
     gradients are summed. ``log_joint(rows)`` must scale the likelihood by ``n / len(rows)``.
+    ``idx`` may be a loader's :class:`pbnn.data.Batch`: this rank's share already.
 
     Example (one process: the whole batch):
         >>> import torch
@@ -184,12 +210,15 @@ def data_parallel_grad(
         >>> data_parallel_grad(lambda rows: -(z**2).sum() * len(rows), z, None, 4)
         tensor([-8.])
     """
-    idx = torch.arange(n) if idx is None else idx
-    mine = idx.tensor_split(world_size())[rank()]
+    if isinstance(idx, Batch):  # a loader's batch: a DistributedSampler already gave each rank an equal share
+        mine, whole = idx, len(idx) * world_size()
+    else:
+        idx = torch.arange(n) if idx is None else idx
+        mine, whole = idx.tensor_split(world_size())[rank()], len(idx)
     if len(mine) == 0:  # a batch smaller than the number of ranks leaves this rank idle
         g = torch.zeros_like(z)
     else:
-        (g,) = torch.autograd.grad(log_joint(mine) * (len(mine) / len(idx)), z)
+        (g,) = torch.autograd.grad(log_joint(mine) * (len(mine) / whole), z)
     allreduce_sum_([g])
     return g
 

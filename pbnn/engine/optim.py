@@ -5,10 +5,11 @@ and MC dropout all train through :func:`optimise`, which owns the optimiser (Ada
 with momentum, over one point or ``M`` points at once: ``points=M`` clips each point's
 gradient on its own, so this equals ``M`` separate runs), the learning-rate schedule,
 minibatches as a pure function of the step (:class:`BatchSchedule`, so a resumed run draws the
-same batches), ``accumulate``, data-parallel gradients, atomic checkpoints (write, then
-rename) and resume (``docs/distributed.md``), the progress bar, and an error with advice when
-the loss becomes NaN or inf. With ``accumulate`` the torch RNG is rewound before each
-micro-batch, so a random draw in the loss is shared.
+same batches) or read from a DataLoader as it is (:class:`LoaderBatches`), ``accumulate``,
+data-parallel gradients, atomic checkpoints (write, then rename) and resume
+(``docs/distributed.md``), the progress bar, and an error with advice when the loss becomes
+NaN or inf. With ``accumulate`` the torch RNG is rewound before each micro-batch, so a random
+draw in the loss is shared.
 
 :func:`fit_map` (the one MAP fit) and :func:`fit_points` (``M`` independent points on a
 per-point log joint) sit on top; :func:`run_svi` adapts Pyro's SVI (hand-written models) to
@@ -38,6 +39,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from pbnn.core.data import Batch, LoaderData
 from pbnn.core.options import positive_int
 from pbnn.engine import distributed
 
@@ -45,6 +47,7 @@ __all__ = [
     "seeded",
     "batch_indices",
     "BatchSchedule",
+    "LoaderBatches",
     "resolve_batch_size",
     "sgd_batch_size",
     "decay",
@@ -130,7 +133,14 @@ def _tensor_digest(t: torch.Tensor) -> str:
 
 def data_fingerprint(data) -> dict:
     """Plain-data fingerprint of a :class:`pbnn.data.Data`: the shapes of ``x`` and ``y`` and a
-    cheap hash (at most ~1M evenly spaced numbers of each, and their sum), for checkpoints."""
+    cheap hash (at most ~1M evenly spaced numbers of each, and their sum), for checkpoints.
+    For a loader's :class:`pbnn.data.LoaderData`: its number of rows and its first batch."""
+    if isinstance(data, LoaderData):
+        first = data.first
+        return {
+            "data shape": ["loader", len(data), list(first.x.shape), list(first.y.shape)],
+            "data hash": _tensor_digest(first.x) + _tensor_digest(first.y),
+        }
     return {
         "data shape": [list(data.x.shape), list(data.y.shape)],
         "data hash": _tensor_digest(data.x) + _tensor_digest(data.y),
@@ -223,6 +233,85 @@ class BatchSchedule:
         return self._batches[step % self.per_epoch]
 
 
+def _peek_seed(generator: torch.Generator | None = None) -> int:
+    """A seed drawn from ``generator`` (None: torch's global RNG) without moving it."""
+    if generator is not None:
+        return int(torch.randint(0, 2**62, (), generator=torch.Generator().set_state(generator.get_state())))
+    with torch.random.fork_rng(devices=[]):
+        return int(torch.randint(0, 2**62, ()).item())
+
+
+class LoaderBatches:
+    """The batches of a loader (:class:`pbnn.data.LoaderData`) as steps consume them: one pass
+    after another (a ``DistributedSampler``'s ``set_epoch`` called with the pass number).
+
+    Every read runs on its own torch RNG stream seeded by ``seed``: the loader's shuffling and
+    its workers' seeds are reproducible, and never move the fit's random stream (so a loader
+    that yields all rows in one batch gives the numbers of the full-batch tensor fit).
+    :meth:`state` (the stream at the start of the current pass and the number of batches read
+    in it) and :meth:`restore` make a resumed fit read the same batches, as long as the
+    loader's randomness comes from torch's RNG (or its own ``generator=``).
+
+    Example:
+        >>> import torch, pbnn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> model = pbnn.BNN(torch.nn.Linear(1, 1))
+        >>> data = pbnn.data.validate(model, DataLoader(TensorDataset(torch.randn(5, 1), torch.randn(5)), batch_size=2))
+        >>> batches = LoaderBatches(data, seed=0)
+        >>> [len(batches(t)) for t in range(4)]
+        [2, 2, 1, 2]
+    """
+
+    def __init__(self, data: LoaderData, seed: int) -> None:
+        self.data = data
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self._rng = torch.get_rng_state()
+        self._gen = getattr(data.source, "generator", None)
+        self._epoch_fn = getattr(getattr(data.source, "sampler", None), "set_epoch", None)
+        self._it, self._pass, self._read, self._skip = None, -1, 0, 0
+        self._pass_state: dict = {}
+
+    def __call__(self, step: int | None = None) -> Batch:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng)
+            batch = self._next()
+            self._rng = torch.get_rng_state()
+        return batch
+
+    def _next(self) -> Batch:
+        while True:
+            if self._it is None:
+                self._pass += 1
+                self._pass_state = {
+                    "rng": torch.get_rng_state(),
+                    "generator": self._gen.get_state() if self._gen is not None else None,
+                    "pass": self._pass,
+                }
+                if self._epoch_fn is not None:
+                    self._epoch_fn(self._pass)
+                self._it, self._read = self.data.batches(), 0
+            for b in self._it:
+                self._read += 1
+                if self._skip:  # resuming: the batches read before the checkpoint
+                    self._skip -= 1
+                    continue
+                return b
+            self._it = None
+            if self._read == 0:
+                raise ValueError("the loader yielded no batches in a pass; it must start afresh on each iter()")
+
+    def state(self) -> dict:
+        """Where the current pass began (RNG states, pass number) and the batches read in it."""
+        return {**self._pass_state, "read": self._read}
+
+    def restore(self, state: dict) -> None:
+        """Continue as the run that wrote ``state`` did (the pass re-read up to its position)."""
+        self._rng, self._pass, self._skip, self._it = state["rng"], state["pass"] - 1, state["read"], None
+        if self._gen is not None and state["generator"] is not None:
+            self._gen.set_state(state["generator"])
+
+
 def decay(lr: float, num_steps: int, factor: float = 0.1) -> Callable[[int], float]:
     """Schedule: ``lr`` decaying exponentially by ``factor`` over ``num_steps`` steps.
 
@@ -240,10 +329,27 @@ def decay(lr: float, num_steps: int, factor: float = 0.1) -> Callable[[int], flo
     return lambda t: lrs[min(t, num_steps)]
 
 
-def _loop(step, num_steps, n, batch_size, *, desc, progress, loss_name, start=0, losses=(), seed=None, after=None):
-    """Call ``step(t, indices)`` for ``t = start .. num_steps - 1`` (indices None: full batch)
-    under one progress bar, stop with advice on a NaN / inf loss; return all losses."""
-    batches = BatchSchedule(n, batch_size, seed) if batch_size else None
+def _loop(
+    step,
+    num_steps,
+    n,
+    batch_size,
+    *,
+    desc,
+    progress,
+    loss_name,
+    start=0,
+    losses=(),
+    seed=None,
+    after=None,
+    batches=None,
+):
+    """Call ``step(t, indices)`` for ``t = start .. num_steps - 1`` (indices None: full batch;
+    ``batches``: a source of batches such as :class:`LoaderBatches`, instead of
+    :class:`BatchSchedule`) under one progress bar, stop with advice on a NaN / inf loss;
+    return all losses."""
+    if batches is None and batch_size:
+        batches = BatchSchedule(n, batch_size, seed)
     losses = list(losses)
     bar = tqdm(range(start, num_steps), desc=desc, disable=not progress, leave=False, initial=start, total=num_steps)
     advice = "lower the learning rate (lr=...), standardise x and y, or check the prior and likelihood scales"
@@ -296,11 +402,15 @@ def optimise(
 
     Args:
         params: leaf tensors to optimise (with ``points=M``: each with a leading ``[M]`` dim).
-        loss_fn: the loss on the rows ``indices`` of ``n`` (None: all rows); it must scale
-            the likelihood of a minibatch by ``n / len(indices)`` (as
-            :class:`pbnn.potential.Potential` does), so micro-batches and ranks can split it.
+        loss_fn: the loss on the rows ``indices`` of ``n`` (None: all rows; a
+            :class:`pbnn.data.Batch` when ``data`` is a loader's); it must scale the likelihood
+            of a minibatch by ``n / len(indices)`` (as :class:`pbnn.potential.Potential` does),
+            so micro-batches and ranks can split it.
         num_steps, lr: optimiser steps and learning rate (a number or ``step -> lr``).
-        batch_size: minibatch size (None: full batch).
+        batch_size: minibatch size (None: full batch). Ignored when ``data`` is a
+            :class:`pbnn.data.LoaderData`: each step then takes the loader's next batch
+            (:class:`LoaderBatches`; under data-parallel training each rank reads its
+            ``DistributedSampler`` shard).
         optimizer, momentum: ``"adam"``, or ``"sgd"`` with ``momentum``.
         points: None: clip the gradient norm of all ``params`` together; ``M``: clip each
             point's gradient (all its tensors together) on its own.
@@ -342,14 +452,18 @@ def optimise(
             loss.backward()
             total = loss.detach()
         else:
-            idx = torch.arange(n) if idx is None else idx
+            if isinstance(idx, Batch):  # a DistributedSampler already gave each rank an equal share
+                share, whole = idx, len(idx) * ranks
+            else:
+                idx = torch.arange(n) if idx is None else idx
+                share, whole = idx.tensor_split(ranks)[me], len(idx)
             rng = torch.get_rng_state()
             total = torch.zeros(())
-            for micro in idx.tensor_split(ranks)[me].tensor_split(accumulate):
+            for micro in share.tensor_split(accumulate):
                 if len(micro) == 0:
                     continue
                 torch.set_rng_state(rng)  # the same random draw for every micro-batch and rank
-                loss = loss_fn(micro) * (len(micro) / len(idx))
+                loss = loss_fn(micro) * (len(micro) / whole)
                 loss.backward()
                 total = total + loss.detach()
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -364,6 +478,10 @@ def optimise(
         return total.item() / scale
 
     start, losses, after = 0, [], None
+    loader = None
+    if isinstance(data, LoaderData):  # the loader's own batches; its seed leaves the fit's RNG as it is
+        distributed.check_loader(data.sharded, split=ranks > 1)
+        loader, batch_size = LoaderBatches(data, _peek_seed()), None
     seed = _batch_seed(batch_size)
     if checkpoint_path is not None:
         if not data_parallel and distributed.world_size() > 1:  # ranks train different points
@@ -392,6 +510,8 @@ def optimise(
             opt.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
             start, losses, seed = state["step"] + 1, state["losses"], state["batch_seed"]
+            if loader is not None:
+                loader.restore(state["loader"])
 
         def after(t, losses):
             if ((t + 1) % checkpoint_every == 0 or t == num_steps - 1) and me == 0:
@@ -405,6 +525,7 @@ def optimise(
                     "step": t,
                     "losses": list(losses),
                     "batch_seed": seed,
+                    **({"loader": loader.state()} if loader is not None else {}),
                 }
                 atomic_save(state, checkpoint_path)  # a killed job never leaves a half-written file
 
@@ -422,6 +543,7 @@ def optimise(
         losses=losses,
         seed=seed,
         after=after,
+        batches=loader,
     )
 
 
@@ -551,9 +673,12 @@ def map_log_joint(
     """
     model = potential.model
     sample, _ = potential.unpack(z)
-    x, y, scale = potential.data.x, potential.data.y, 1.0
-    if idx is not None:
-        x, y, scale = x[idx], y[idx], len(potential.data) / idx.shape[0]
+    if weights is not None and isinstance(idx, Batch):
+        raise ValueError(
+            "per-datum weights (bootstrap=True) need row indices, which data from a loader has not: "
+            "pass tensors x, y, or bootstrap=False"
+        )
+    x, y, scale = potential.data.rows(idx)
     ll = model.log_likelihood(transform(sample) if transform is not None else sample, x, y, fixed)
     if weights is not None:
         ll = ll * (weights if idx is None else weights[idx])

@@ -79,11 +79,14 @@ class Backend:
         model_kinds: the model kinds it serves, ``"bnn"`` (a :class:`pbnn.BNN`) and / or
             ``"pyro"`` (a hand-written Pyro model).
         renamed: former option names -> current ones (accepted with a DeprecationWarning).
+        full_batch: True for methods that need the exact log joint of all data (NUTS, HMC,
+            MH): ``pbnn.fit`` concatenates a loader into tensors for them.
     """
 
     name: ClassVar[str] = ""
     model_kinds: ClassVar[tuple[str, ...]] = ("bnn", "pyro")
     renamed: ClassVar[dict[str, str]] = {}
+    full_batch: ClassVar[bool] = False  # needs all data in memory: a loader is concatenated into tensors
 
     def fit(self, model, data: Data | tuple | None = None) -> Posterior:
         """Fit ``model`` (a :class:`pbnn.potential.Potential`, or a model plus ``data``): check its
@@ -166,10 +169,10 @@ def baseline_warning(post: Posterior, potential: Potential, method: str, rows: i
     initialisation stay below it. Classification labels (integers) are skipped. Checked on
     the first ``rows`` training points with at most 16 draws. Returns the message, or None.
     """
-    y = potential.data.y[:rows]
+    x, y = potential.data.head(rows)  # a loader's first batch
     if potential.kind != "bnn" or not y.is_floating_point():
         return None
-    mean = post.predict(potential.data.x[:rows], num_samples=min(16, post.num_chains * post.num_draws)).mean
+    mean = post.predict(x, num_samples=min(16, post.num_chains * post.num_draws)).mean
     if mean.shape != y.shape:
         return None
     mse, var = float(((mean - y) ** 2).mean()), float(((y - y.mean(0)) ** 2).mean())

@@ -47,6 +47,8 @@ class MH(Backend, RunOptions, ChainOptions):
         5
     """
 
+    full_batch = True
+
     renamed = {"thin": "thinning", "init_scale": "proposal_scale"}
     num_samples: int = option(1000, positive_int)
     warmup: int = option(2000, nonneg_int)

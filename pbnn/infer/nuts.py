@@ -29,6 +29,8 @@ __all__ = ["NUTS", "HMC"]
 class _Hamiltonian(Backend, RunOptions, ChainOptions):
     """What NUTS and HMC share: options, starts, the sampler run over chains, diagnostics."""
 
+    full_batch = True
+
     kernel = ""
     sampler_options = ()  # the options passed on to pbnn.engine.chains.sample_hmc
     target_accept: float = option(0.8, probability)

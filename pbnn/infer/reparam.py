@@ -209,14 +209,14 @@ def negative_elbo(potential, posterior, fixed: dict[str, torch.Tensor], estimato
             UserWarning,
             stacklevel=3,
         )
-    data, n, out_dim = potential.data, len(potential.data), potential.out_dim
+    data, out_dim = potential.data, potential.out_dim
 
     def loss(idx: torch.Tensor | None) -> torch.Tensor:
         q = posterior()
         if not (isinstance(q, torch.distributions.Independent) and isinstance(q.base_dist, torch.distributions.Normal)):
             raise ValueError(f"estimator={estimator!r} needs a mean-field (diagonal Normal) guide")
         loc, scale = q.base_dist.loc, q.base_dist.scale
-        x, y, ll_scale = (data.x, data.y, 1.0) if idx is None else (data.x[idx], data.y[idx], n / idx.shape[0])
+        x, y, ll_scale = data.rows(idx)
         mean, sd = potential.layout.split(loc), potential.layout.split(scale)
         total = torch.zeros((), dtype=loc.dtype)
         for _ in range(num_particles):

@@ -120,7 +120,7 @@ class SVI(Backend, RunOptions, OptimOptions):
             return autoguide.AutoMultivariateNormal(model, **common)
         guide = autoguide.AutoLowRankMultivariateNormal(model, rank=self.rank or 1, **common)
         if self.rank is None:  # pick the rank once the latent dimension is known
-            guide._setup_prototype(potential.data.x, potential.data.y)
+            guide._setup_prototype(*potential.data.head())
             guide.rank = max(1, min(20, int(round(guide.latent_dim**0.5))))
         return guide
 
@@ -186,7 +186,7 @@ class SVI(Backend, RunOptions, OptimOptions):
         For an AutoContinuous guide, Trace_ELBO's estimate is
         ``log p(theta(z), y) + log|J(z)| - log q(z)`` at ``z ~ q``: exactly this.
         """
-        guide(potential.data.x, potential.data.y)  # create the guide's parameters (in this fit's private scope)
+        guide(*potential.data.head())  # create the guide's parameters (in this fit's private scope)
         order = [n for n, _ in guide.prototype_trace.iter_stochastic_nodes() if n in guide._unconstrained_shapes]
         potential = potential.with_order(order)
         fixed = {n: v.detach().clone().requires_grad_(True) for n, v in potential.fixed.items()}
