@@ -41,7 +41,7 @@ def test_svi_on_a_hand_written_model(data):
     assert pred.mean.shape == (5,)
     assert torch.allclose(pred.mean, x[:5] @ torch.tensor([1.0, -2.0]) + 0.5, atol=0.4)
     idata = post.to_arviz()
-    assert idata.log_likelihood["obs"].shape == (1, 200, 60)
+    assert idata.log_likelihood["obs"].shape == (4, 50, 60)  # 200 independent draws: 4 chains of 50
 
 
 def test_minibatch_needs_subsample_argument(data):

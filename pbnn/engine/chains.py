@@ -10,7 +10,7 @@ Example:
     >>> out = sample_hmc("nuts", target, torch.zeros(2, 2), num_samples=100, warmup=50,
     ...                  generator=torch.Generator().manual_seed(0), progress=False)
     >>> out.draws.shape, sorted(out.stats)[:3]
-    (torch.Size([2, 100, 2]), ['acceptance_rate', 'diverging', 'lp'])
+    (torch.Size([2, 100, 2]), ['acceptance_rate', 'diverging', 'energy'])
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Example:
     >>> post = pbnn.fit(model, x, y, method="nuts", num_samples=50, warmup=50, num_chains=2,
     ...                 init="net", progress=False, seed=0, warn=False)
     >>> post.samples["weight"].shape, sorted(post.sample_stats)
-    (torch.Size([2, 50, 1, 1]), ['acceptance_rate', 'diverging', 'lp', 'n_steps', 'step_size', 'tree_depth'])
+    (torch.Size([2, 50, 1, 1]), ['acceptance_rate', 'diverging', 'energy', 'lp', 'n_steps', 'step_size', 'tree_depth'])
 """
 
 from __future__ import annotations

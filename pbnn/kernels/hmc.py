@@ -11,7 +11,7 @@ Example:
     >>> state = hmc.init(target, torch.zeros(2, 2), gen)
     >>> state, info = hmc.step(state, target, gen)
     >>> state.z.shape, sorted(info)[:3]
-    (torch.Size([2, 2]), ['acceptance_rate', 'diverging', 'lp'])
+    (torch.Size([2, 2]), ['acceptance_rate', 'diverging', 'energy'])
 """
 
 from __future__ import annotations
@@ -263,8 +263,9 @@ def nuts_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, max_tree_depth: int = 10
 
     Returns:
         ``(z, lp, g, stats)`` with stats ``diverging``, ``acceptance_rate`` (mean Metropolis
-        acceptance over the trajectory, the quantity dual averaging targets), ``tree_depth``
-        and ``n_steps``, each ``[C]``.
+        acceptance over the trajectory, the quantity dual averaging targets), ``tree_depth``,
+        ``n_steps`` and ``energy`` (the Hamiltonian at the start, with the fresh momentum),
+        each ``[C]``.
     """
     C = z.shape[0]
     compiled = isinstance(fn, Target) and fn.compile
@@ -310,6 +311,7 @@ def nuts_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, max_tree_depth: int = 10
         if not bool(active.any()):
             break
     stats = {"diverging": div, "acceptance_rate": sum_acc / n.clamp(min=1), "tree_depth": depth, "n_steps": n}
+    stats["energy"] = H0  # the Hamiltonian the trajectory conserves (ArviZ's energy: BFMI, plot_energy)
     return sample["zp"], sample["lpp"], sample["gp"], stats
 
 
@@ -329,7 +331,8 @@ def hmc_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, num_steps: int = 20):
     lp = torch.where(accept, lpn, lp)
     g = torch.where(accept[:, None], gn, g)
     steps = torch.full((z.shape[0],), num_steps, dtype=torch.long)
-    return z, lp, g, {"diverging": dH > MAX_ENERGY_ERROR, "acceptance_rate": acc, "n_steps": steps}
+    stats = {"diverging": dH > MAX_ENERGY_ERROR, "acceptance_rate": acc, "n_steps": steps, "energy": H0}
+    return z, lp, g, stats
 
 
 # ---------------------------------------------------------------------------- adaptation

@@ -25,7 +25,7 @@ import torch
 from pbnn.core.data import Data, check_inputs
 from pbnn.core.model import BNN
 from pbnn.engine.optim import atomic_save
-from pbnn.posterior import serialization
+from pbnn.posterior import arviz_io, serialization
 from pbnn.posterior.approx import Approximation, LazyDraws
 from pbnn.posterior.predictive import (
     BUDGET,
@@ -218,9 +218,8 @@ class Posterior:
         return StreamedPrediction(evaluate, draws, num, x, draw_chunk=chunk, point_chunk=max(1, len(x)))
 
     def log_likelihood(self) -> torch.Tensor:
-        """Pointwise log-likelihood of the training data, ``[chain, draw, N]``."""
-        lp = self.predict(self.data.x).pointwise_log_likelihood(self.data.y)
-        return lp.reshape(self.num_chains, self.num_draws, -1)
+        """Pointwise log-likelihood of the training data, ``[chain, draw, N]`` (computed once, then cached)."""
+        return arviz_io.training_log_likelihood(self)
 
     def log_marginal_likelihood(self) -> float:
         """The backend's estimate of ``log p(y | x)`` for model comparison (e.g. Laplace's)."""
@@ -233,11 +232,13 @@ class Posterior:
         return float(value)
 
     # ------------------------------------------------------------------ ArviZ
-    def to_arviz(self):
-        """ArviZ ``InferenceData`` with posterior, sample_stats, observed_data and log_likelihood."""
-        from pbnn.posterior.arviz_io import to_inference_data
-
-        return to_inference_data(self)
+    def to_arviz(self, x_new=None, y_new=None, *, seed: int = 0):
+        """ArviZ ``InferenceData``: posterior, sample_stats, log_likelihood, posterior_predictive,
+        observed_data, constant_data; with ``x_new`` also predictions (draws of ``y`` at
+        ``x_new``) and predictions_constant_data (``x_new``, and ``y_new`` if given). ``seed``
+        seeds the draws of ``y``. Groups, dimension names and chain layout:
+        :mod:`pbnn.posterior.arviz_io`."""
+        return arviz_io.to_inference_data(self, x_new, y_new, seed=seed)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
