@@ -65,7 +65,6 @@ class SWAG(Backend, RunOptions, OptimOptions):
         0.5
     """
 
-    model_kinds = ("bnn",)
     renamed = {"start": "map_steps"}
     _mean_only = False
     rank: int = option(20, nonneg_int)
@@ -162,7 +161,7 @@ class SWAG(Backend, RunOptions, OptimOptions):
             det, predictor = {}, predict_params
         elif not self._mean_only:
             approx = FlatApproximation(q, potential.layout.sites)
-        if has_batchnorm(potential.model.net):
+        if potential.kind == "bnn" and has_batchnorm(potential.model.net):
             predictor = predict_bn_refresh
         info = {**info, "rank": self.rank, "scale": self.scale}
         return self.posterior(potential, samples, fixed=det, approximation=approx, predictor=predictor, info=info)
