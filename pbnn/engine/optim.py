@@ -671,6 +671,10 @@ def map_log_joint(
             ``p_keep``: the KL of a dropout layer is ``p_keep`` times the L2 term).
         transform: maps the weight values before the likelihood (DropConnect masks).
     """
+    if potential.kind != "bnn":  # a hand-written Pyro model: its own log joint, no per-datum options
+        if weights is not None or prior_weights or transform is not None:
+            raise ValueError("likelihood weights, prior weights and weight transforms need a pbnn.BNN model")
+        return potential.log_joint(z, idx, fixed, jacobian=False)
     model = potential.model
     sample, _ = potential.unpack(z)
     if weights is not None and isinstance(idx, Batch):
@@ -699,8 +703,16 @@ def initial_points(potential, seeds: list[int | None]) -> tuple[torch.Tensor, di
 
     A seed of None keeps the network's own initialisation; otherwise every submodule with
     ``reset_parameters`` (Linear, Conv, BatchNorm, ...) is re-initialised under that seed,
-    so members start independently. Noise sites start at their prior median.
+    so members start independently. Noise sites start at their prior median. For a hand-written
+    Pyro model a seed draws every coordinate of ``z`` from ``Uniform(-2, 2)`` in the
+    unconstrained space (Pyro's ``init_to_uniform``); its ``pyro.param`` values start as traced.
     """
+    if potential.kind != "bnn":
+        zs = []
+        for seed in seeds:
+            with seeded(seed):
+                zs.append(potential.initial_z() if seed is None else 4 * torch.rand(potential.dim) - 2)
+        return torch.stack(zs), {k: v.expand((len(seeds),) + v.shape).clone() for k, v in potential.fixed.items()}
     model = potential.model
     base, _ = potential.unpack(potential.initial_z())
     zs, fixed = [], {n: [] for n in model.deterministic_names}

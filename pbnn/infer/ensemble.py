@@ -1,6 +1,7 @@
 """Deep ensembles (Lakshminarayanan, Pritzel and Blundell, NeurIPS 2017): ``num_members`` MAP
 fits from independent random initialisations, each one draw stored as its own chain
-(``docs/imitation.md``).
+(``docs/imitation.md``). A hand-written Pyro model works too: the members are points over its
+latent sites, started as :func:`pbnn.engine.optim.initial_points` describes.
 
 The members are trained by one optimiser over the stacked member vectors (``[M, D]``) through
 :func:`pbnn.engine.optim.fit_points` (per-member objective and clipping, so the same as training
@@ -54,7 +55,6 @@ class DeepEnsemble(Backend, RunOptions, OptimOptions):
         10
     """
 
-    model_kinds = ("bnn",)
     num_members: int = option(5, positive_int)
     bootstrap: bool = option(False, boolean)
 
@@ -63,6 +63,11 @@ class DeepEnsemble(Backend, RunOptions, OptimOptions):
         base = int(torch.randint(0, 2**31 - 1, ()).item())
         z0, fixed0 = initial_points(potential, [base + m for m in range(num)])
         weights = None
+        if self.bootstrap and potential.kind != "bnn":
+            raise ValueError(
+                "bootstrap=True weights each data point's likelihood and needs a pbnn.BNN; for a hand-written "
+                "Pyro model use bootstrap=False"
+            )
         if self.bootstrap:  # resample counts: member m sees point i weights[m, i] times
             idx = torch.randint(0, n, (num, n))
             weights = torch.zeros(num, n).scatter_add_(1, idx, torch.ones(num, n))

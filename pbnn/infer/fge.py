@@ -71,7 +71,6 @@ class FGE(Backend, RunOptions):
         0.01
     """
 
-    model_kinds = ("bnn",)
     renamed = {"pretrain_steps": "map_steps"}
     cycle_length: int | None = option(None, optional(positive_int))
     lr_max: float = option(0.01, positive)
@@ -137,6 +136,6 @@ class FGE(Backend, RunOptions):
             potential,
             samples,
             fixed={k: v[0] for k, v in fixed.items()},
-            predictor=predict_bn_refresh if has_batchnorm(potential.model.net) else None,
+            predictor=predict_bn_refresh if potential.kind == "bnn" and has_batchnorm(potential.model.net) else None,
             info={"losses": losses + cyc_losses, "cycle_length": cycle},
         )

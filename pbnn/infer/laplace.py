@@ -96,8 +96,6 @@ class Laplace(Backend, RunOptions):
         'kfac'
     """
 
-    model_kinds = ("bnn",)  # it differentiates the network functionally
-
     hessian: str = option("ggn", one_of(*HESSIANS))
     subset: str = option("auto", one_of(*SUBSETS))
     prior_precision: str | float = option("marglik", _prior_precision_option)
@@ -111,6 +109,8 @@ class Laplace(Backend, RunOptions):
     num_samples: int = option(1000, positive_int)
 
     def run(self, potential: Potential) -> Posterior:
+        if potential.kind != "bnn":
+            return self._run_joint(potential)
         model = potential.network(self.name)
         if self.hessian != "full" or self.predictive == "glm":
             check_likelihood(model.likelihood)
@@ -145,6 +145,91 @@ class Laplace(Backend, RunOptions):
             fixed={**fixed_det, **{k: v.detach() for k, v in values.items() if k not in names}},
             approximation=approx,
             predictor=LaplacePredictor(self.predictive, names, {n: values[n].detach() for n in names}),
+            info=info,
+        )
+
+    # ------------------------------------------------------------------ any log joint
+    def _run_joint(self, potential: Potential) -> Posterior:
+        """Laplace on a hand-written Pyro model: a Gaussian over every latent site in the unconstrained
+        ``z``, at the maximum of the unconstrained log density (log joint plus log Jacobian) with the
+        exact Hessian there as precision, as Pyro's ``AutoLaplaceApproximation`` defines it. The
+        model's own prior is part of the Hessian; the predictive runs the model at draws."""
+        bad = {
+            "hessian": (self.hessian, ("ggn", "full")),  # "ggn" is the default: no network here, so "full"
+            "predictive": (self.predictive, ("glm", "nn")),  # likewise "glm": the sampled predictive
+            "subset": (self.subset, ("auto", "all")),
+        }
+        for opt, (value, ok) in bad.items():
+            if value not in ok:
+                raise ValueError(
+                    f"{opt}={value!r} needs a pbnn.BNN (a network to differentiate); Laplace on a hand-written "
+                    "Pyro model uses the exact Hessian of the log joint over all latent sites (hessian='full', "
+                    "predictive='nn', subset='all')"
+                )
+        if not isinstance(self.prior_precision, str):
+            raise ValueError(
+                "prior_precision as a number needs a pbnn.BNN with a Gaussian prior; a hand-written Pyro model's "
+                "own prior is part of the exact Hessian (leave prior_precision at its default)"
+            )
+        if potential.dim > FULL_HESSIAN_LIMIT:
+            raise ValueError(
+                f"Laplace on a hand-written Pyro model takes the exact {potential.dim} x {potential.dim} Hessian; "
+                f"it is limited to D <= {FULL_HESSIAN_LIMIT} latent numbers. Use method='svi' or 'map', or a pbnn.BNN "
+                "(whose Laplace has GGN, diagonal and KFAC curvature)"
+            )
+        batch = resolve_batch_size(self.batch_size, len(potential))
+        z, fixed, losses = fit_map(
+            potential,
+            num_steps=self.map_steps,
+            lr=self.lr,
+            batch_size=batch,
+            jacobian=True,
+            desc="Laplace: MAP",
+            progress=self.progress,
+        )
+        if self.refine and batch is None:
+            params = [z.requires_grad_(True), *(v.requires_grad_(True) for v in fixed.values())]
+            _lbfgs_polish(params, lambda: -potential.log_joint(z, None, fixed, jacobian=True))
+        z, fixed = z.detach(), {k: v.detach() for k, v in fixed.items()}
+        # torch.autograd's Hessian (one reverse pass per row): Pyro's tracing does not run under vmap
+        H = torch.autograd.functional.hessian(lambda zz: -potential.log_joint(zz, None, fixed, jacobian=True), z)
+        H = H.double()
+        H = (H + H.mT) / 2  # float32 round-off asymmetry
+        eig, vec = torch.linalg.eigh(H)
+        info = {"losses": losses, "hessian": "full", "subset": "all", "predictive": "nn"}
+        if not bool((eig > 0).all()):
+            n_bad = int((eig <= 0).sum())
+            note = (
+                f"the Hessian of the negative log density at the mode is not positive definite: {n_bad} of "
+                f"{len(eig)} eigenvalues are <= 0 (smallest {float(eig.min()):.3g}), so it is no Gaussian's "
+                "precision; more map_steps may help if the mode has not converged"
+            )
+            if self.on_indefinite == "raise":
+                raise ValueError(note + "; or on_indefinite='ggn' for the documented fallback")
+            # No network to linearise (no GGN): use |eigenvalues| (the "saddle-free" Hessian of
+            # Dauphin et al. 2014), floored so that no direction has an unbounded variance.
+            warnings.warn(
+                note + ". Using the Hessian with its eigenvalues replaced by their absolute values.", stacklevel=4
+            )
+            eig = eig.abs().clamp_min(1e-6 * float(eig.abs().max()))
+            info["hessian"], info["indefinite"] = "full (|eigenvalues|)", note
+        # Sigma = V diag(1 / eig) V^T (float64, from the one eigendecomposition)
+        scale_tril = torch.linalg.cholesky((vec * eig.reciprocal()) @ vec.mT)
+        dtype = z.dtype
+        q = MultivariateNormal(z.double().to(dtype), scale_tril=scale_tril.to(dtype))
+        approx = FlatApproximation(q, potential.layout)
+        with torch.no_grad():
+            log_p = float(potential.log_joint(z, None, fixed, jacobian=True))
+        # log p(y) ~ log p(y, z*) + D/2 log 2 pi - 1/2 log det H, on the unconstrained density
+        info["log_marginal_likelihood"] = (
+            log_p + 0.5 * potential.dim * math.log(2 * math.pi) - 0.5 * float(eig.log().sum())
+        )
+        draws = approx.sample(self.num_samples)
+        return self.posterior(
+            potential,
+            {k: v.detach().unsqueeze(0) for k, v in draws.items()},
+            fixed=fixed,
+            approximation=approx,
             info=info,
         )
 

@@ -65,7 +65,6 @@ class SWAG(Backend, RunOptions, OptimOptions):
         0.5
     """
 
-    model_kinds = ("bnn",)
     renamed = {"start": "map_steps"}
     _mean_only = False
     rank: int = option(20, nonneg_int)
@@ -165,7 +164,7 @@ class SWAG(Backend, RunOptions, OptimOptions):
         if fixed and runs > 1:  # deterministic parameters differ per run
             samples.update({k: v[:, None].expand((-1, z.shape[1]) + v.shape[1:]) for k, v in fixed.items()})
             det, predictor = {}, predict_params
-        if has_batchnorm(potential.model.net):
+        if potential.kind == "bnn" and has_batchnorm(potential.model.net):
             predictor = predict_bn_refresh
         info = {**info, "rank": self.rank, "scale": self.scale}
         return self.posterior(potential, samples, fixed=det, approximation=approx, predictor=predictor, info=info)

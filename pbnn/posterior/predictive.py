@@ -563,6 +563,9 @@ def predict_params(post, draws: dict[str, torch.Tensor], x: torch.Tensor) -> Pre
     ensemble member) and BatchNorm buffers; every draw entry whose name is a parameter or
     buffer of the net is passed to the network, which runs in eval mode.
     """
+    if not hasattr(post.model, "net"):  # a hand-written Pyro model: per-draw pyro.param values
+        # an entry that names no pyro.param is never read from the store, so all may go there
+        return predict_pyro(post.model, draws, post.fixed, x, per_draw_params=tuple(draws))
     net = post.model.net
     tensors = {n for n, _ in net.named_parameters()} | {n for n, _ in net.named_buffers()}
     fixed = {k: v for k, v in post.fixed.items() if k not in draws}
@@ -627,18 +630,24 @@ def _stack(dists: list[Distribution]) -> Distribution:
     return stacked.to_event(ndims) if ndims else stacked
 
 
-def predict_pyro(model, draws: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], x: torch.Tensor) -> Prediction:
+def predict_pyro(
+    model, draws: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], x: torch.Tensor, per_draw_params=()
+) -> Prediction:
     """Predictive of a hand-written Pyro model: one conditioned trace per draw.
 
-    The model's ``pyro.param`` values from the fit (``fixed``) are put in a private
-    parameter scope, so the global param store is neither read nor changed.
+    The model's ``pyro.param`` values from the fit (``fixed``, and ``draws[name][s]`` for the
+    names in ``per_draw_params``) are put in a private parameter scope, so the global param
+    store is neither read nor changed.
     """
     num = next(iter(draws.values())).shape[0]
     dists, outs = [], []
+    per_draw = [k for k in draws if k in per_draw_params]
     with torch.no_grad(), pyro.get_param_store().scope():
         for name, value in fixed.items():
-            pyro.get_param_store()[name] = value
+            pyro.get_param_store()[name] = value.clone()  # the store marks it requires_grad: not the caller's
         for s in range(num):
+            for name in per_draw:  # pyro.param values that differ per draw (ensemble members)
+                pyro.get_param_store()[name] = draws[name][s].clone()
             cond = poutine.condition(model, data={k: v[s] for k, v in draws.items()})
             tr = poutine.trace(cond).get_trace(x)
             if "obs" not in tr.nodes:
