@@ -91,6 +91,6 @@ class DeepEnsemble(Backend, RunOptions, OptimOptions):
         if fixed:  # deterministic parameters differ per member: store them per draw too
             samples.update({k: v[:, None] for k, v in fixed.items()})
             predictor = predict_params
-        if has_batchnorm(potential.model.net):  # each member gets its own BatchNorm statistics
+        if potential.kind == "bnn" and has_batchnorm(potential.model.net):  # each member gets its own BatchNorm statistics
             predictor = predict_bn_refresh
         return self.posterior(potential, samples, predictor=predictor, info=info)
