@@ -221,3 +221,47 @@ def test_batchnorm_in_eval_mode_keeps_its_statistics():
     for s in range(f.shape[0]):
         expected = torch.func.functional_call(net, {k: v[s] for k, v in draws.items()}, (x,))
         assert torch.allclose(f[s], expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- last layer from features
+def _last_layer_case():
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8), torch.nn.Tanh())
+    net = torch.nn.Sequential(backbone.requires_grad_(False), torch.nn.Linear(8, 4))
+    x = torch.randn(40, 3)
+    return pbnn.BNN(net, likelihood=pbnn.likelihoods.Categorical()), x, torch.randint(0, 4, (40,))
+
+
+def test_last_layer_jacobian_from_features_equals_autodiff():
+    from pbnn.infer import curvature
+
+    model, x, _ = _last_layer_case()
+    params, names = model.parameter_values(), model.bayesian_names
+    phi, f = curvature.final_layer_features(model, names, params, x)
+    assert torch.allclose(f, model.net(x)) and torch.allclose(phi, model.net[0](x))
+    layout = curvature.weight_layout(params, names)
+    jac = torch.func.vmap(
+        torch.func.jacrev(lambda th, x1: model.output({**params, **layout.split(th)}, x1[None])[0]), in_dims=(None, 0)
+    )(layout.join(params), x)
+    assert torch.allclose(curvature.output_jacobian(model, names, params, x), jac, atol=1e-6)
+    # not a final layer (something follows it): no feature path
+    assert curvature.final_layer_features(model, ["0.2.weight", "0.2.bias"], params, x) is None
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "diag", "ggn"])
+def test_last_layer_glm_predictive_from_features_equals_the_jacobian_one(hessian):
+    model, x, y = _last_layer_case()
+    post = pbnn.fit(model, x, y, method="laplace", hessian=hessian, map_steps=30, num_samples=6, progress=False, seed=0)
+    pred = post.predict(x[:7])
+    params = {**post.fixed, **post.predictor.mean}
+    J = torch.func.vmap(
+        torch.func.jacrev(lambda th, x1: model.output({**params, **post.approximation.layout.split(th)}, x1[None])[0]),
+        in_dims=(None, 0),
+    )(post.approximation.layout.join(post.predictor.mean), x[:7])
+    F = post.approximation.functional_covariance(J).float()
+    assert torch.allclose(pred.f_cov, F, rtol=1e-4, atol=1e-6)
+    dtheta = post.approximation.layout.join(
+        {n: v.flatten(0, 1) - post.predictor.mean[n] for n, v in post.samples.items()}
+    )
+    f_s = model.output(params, x[:7]) + torch.einsum("mcd,sd->smc", J, dtheta)
+    assert torch.allclose(pred.samples, f_s, atol=1e-5)
