@@ -265,3 +265,12 @@ def test_last_layer_glm_predictive_from_features_equals_the_jacobian_one(hessian
     )
     f_s = model.output(params, x[:7]) + torch.einsum("mcd,sd->smc", J, dtheta)
     assert torch.allclose(pred.samples, f_s, atol=1e-5)
+
+
+def test_last_layer_ggn_diagonal_from_features_equals_the_full_ggn_diagonal():
+    from pbnn.infer import curvature
+
+    model, x, _ = _last_layer_case()
+    params, names = model.parameter_values(), model.bayesian_names
+    full = curvature.ggn_full(model, names, params, x, {})
+    assert torch.allclose(curvature.ggn_diag(model, names, params, x, {}), full.diagonal(), rtol=1e-6)

@@ -196,7 +196,16 @@ def ggn_full(model, names: list[str], params: dict[str, torch.Tensor], x: torch.
 
 
 def ggn_diag(model, names: list[str], params: dict[str, torch.Tensor], x: torch.Tensor, noise: dict) -> torch.Tensor:
-    """Diagonal of the GGN, ``[D]``, in float64 (exactly ``ggn_full(...).diagonal()``)."""
+    """Diagonal of the GGN, ``[D]``, in float64 (exactly ``ggn_full(...).diagonal()``).
+
+    For a final ``nn.Linear`` in closed form from its features: ``sum_n Lambda_n[c, c] phi_nj^2``
+    for ``W_cj`` and ``sum_n Lambda_n[c, c]`` for ``b_c``."""
+    feats = final_layer_features(model, names, params, x)
+    if feats is not None:
+        phi, f = (t.double() for t in feats)
+        lam = loss_hessian_sqrt(model.likelihood, f, noise).pow(2).sum(-1)  # diag of L L^T, [N, C]
+        parts = {n: lam.T @ phi.pow(2) if params[n].dim() == 2 else lam.sum(0) for n in names}
+        return weight_layout(params, names).join(parts)
     g = None
     for LJ in _scaled_jacobians(model, names, params, x, noise):
         part = LJ.double().pow(2).sum((0, 1))
