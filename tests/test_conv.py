@@ -274,3 +274,59 @@ def test_last_layer_ggn_diagonal_from_features_equals_the_full_ggn_diagonal():
     params, names = model.parameter_values(), model.bayesian_names
     full = curvature.ggn_full(model, names, params, x, {})
     assert torch.allclose(curvature.ggn_diag(model, names, params, x, {}), full.diagonal(), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- outputs with extra dims
+def test_per_pixel_per_token_and_shaped_regression_likelihoods_match_torch():
+    torch.manual_seed(0)
+    F = torch.nn.functional
+    lik = pbnn.likelihoods.Categorical(class_dim=1)  # per-pixel logits [N, C, H, W], labels [N, H, W]
+    lik.set_output_shape((3, 4, 5))
+    f, y = torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 4, 5))
+    expected = -F.cross_entropy(f, y, reduction="none").sum((1, 2))
+    assert torch.allclose(lik.log_prob(f.flatten(1), {}, y), expected, atol=1e-5)
+    assert torch.allclose(lik.conditional(f.flatten(1), {}).log_prob(y), expected, atol=1e-5)
+    assert lik.validate_targets(y, 60).shape == (2, 4, 5)
+    with pytest.raises(ValueError, match=r"shape \[N, 4, 5\]"):
+        lik.validate_targets(y[:, 0], 60)
+    tok = pbnn.likelihoods.Categorical()  # per-token logits [N, T, C], labels [N, T]
+    tok.set_output_shape((4, 3))
+    f, y = torch.randn(2, 4, 3), torch.randint(0, 3, (2, 4))
+    expected = -F.cross_entropy(f.transpose(1, 2), y, reduction="none").sum(1)
+    assert torch.allclose(tok.log_prob(f.flatten(1), {}, y), expected, atol=1e-5)
+    reg = pbnn.likelihoods.Gaussian(0.5)  # [N, D1, D2]
+    reg.set_output_shape((2, 3))
+    f, y = torch.randn(4, 2, 3), torch.randn(4, 2, 3)
+    expected = torch.distributions.Normal(f, 0.5).log_prob(y).sum((1, 2))
+    assert torch.allclose(reg.log_prob(f.flatten(1), {}, y), expected, atol=1e-5)
+    assert torch.allclose(reg.conditional(f.flatten(1), {}).log_prob(y), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="Flatten"):
+        pbnn.likelihoods.MultiTaskGaussian().set_output_shape((2, 3))
+
+
+@pytest.mark.parametrize("case", ["pixels", "tokens", "regression"])
+def test_shaped_outputs_keep_their_shape_through_fit_and_predictive(case):
+    torch.manual_seed(0)
+    if case == "pixels":
+        net, lik = torch.nn.Conv2d(1, 3, 3, padding=1), pbnn.likelihoods.Categorical(class_dim=1)
+        x, y, mean_shape = torch.randn(10, 1, 4, 4), torch.randint(0, 3, (10, 4, 4)), (10, 4, 4, 3)
+    elif case == "tokens":
+        net, lik = torch.nn.Linear(4, 3), pbnn.likelihoods.Categorical()
+        x, y, mean_shape = torch.randn(10, 5, 4), torch.randint(0, 3, (10, 5)), (10, 5, 3)
+    else:
+        net, lik = (
+            torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Unflatten(1, (2, 3))),
+            pbnn.likelihoods.Gaussian(0.5),
+        )
+        x, y, mean_shape = torch.randn(10, 4), torch.randn(10, 2, 3), (10, 2, 3)
+    model = pbnn.BNN(net, likelihood=lik)
+    post = pbnn.fit(model, x, y, method="map", num_steps=5, progress=False, seed=0)
+    pred = post.predict(x)
+    assert pred.mean.shape == mean_shape
+    # one draw: the predictive log density is the likelihood of the network output, per point
+    f = model.output({**post.fixed, **{k: v[0, 0] for k, v in post.samples.items()}}, x)
+    assert torch.allclose(pred.log_prob(y), model.likelihood.log_prob(f, {}, y), atol=1e-5)
+    if lik.is_classification:
+        assert pred.entropy.shape == mean_shape[:-1]
+    post = pbnn.fit(model, x, y, method="svi", num_steps=5, num_samples=4, progress=False, seed=0)
+    assert post.predict(x).mean.shape == mean_shape and post.predict(x).log_prob(y).shape == (10,)

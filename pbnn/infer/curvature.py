@@ -45,6 +45,12 @@ def check_likelihood(likelihood) -> None:
             f"GGN curvature supports Gaussian, MultiTaskGaussian, Bernoulli and Categorical likelihoods, "
             f"got {type(likelihood).__name__}; use hessian='full' (exact Hessian, small nets) or method='svi'"
         )
+    if likelihood.output_shape and not isinstance(likelihood, _lik.Gaussian):
+        dims = ", ".join(map(str, likelihood.output_shape))
+        raise ValueError(
+            f"GGN curvature supports outputs with extra dimensions (here [N, {dims}]) for the Gaussian likelihood "
+            f"only, not {type(likelihood).__name__}; use hessian='full' (small nets) or method='svi'"
+        )
 
 
 def loss_hessian_sqrt(likelihood, f: torch.Tensor, noise: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -203,7 +209,7 @@ def ggn_diag(model, names: list[str], params: dict[str, torch.Tensor], x: torch.
     feats = final_layer_features(model, names, params, x)
     if feats is not None:
         phi, f = (t.double() for t in feats)
-        lam = loss_hessian_sqrt(model.likelihood, f, noise).pow(2).sum(-1)  # diag of L L^T, [N, C]
+        lam = loss_hessian_sqrt(model.likelihood, f, noise).double().pow(2).sum(-1)  # diag of L L^T, [N, C]
         parts = {n: lam.T @ phi.pow(2) if params[n].dim() == 2 else lam.sum(0) for n in names}
         return weight_layout(params, names).join(parts)
     g = None

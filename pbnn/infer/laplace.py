@@ -118,6 +118,11 @@ class Laplace(Backend, RunOptions):
         model = potential.network(self.name)
         if self.hessian != "full" or self.predictive == "glm":
             check_likelihood(model.likelihood)
+        if self.predictive == "glm" and model.likelihood.output_shape:
+            raise ValueError(
+                f"predictive='glm' needs a network output [N, D]; this one has extra dimensions "
+                f"[N, {str(model.likelihood.output_shape)[1:-1]}]: use predictive='nn'"
+            )
         subset, names = self._subset_names(model)
         self._check_dim(sum(size for n, size in zip(potential.names, potential.sizes) if n in names))
         z, fixed_det, losses = self._fit_map(potential)
