@@ -133,10 +133,10 @@ class BNN(nn.Module):
             )
         if bayesian is not None and last_layer:
             raise ValueError("pass either bayesian= or last_layer=True, not both")
+        # The copy's own tensors are only shapes and initial values (and the frozen weights):
+        # every other value used in the model comes from a sample or param site. It keeps the
+        # caller's requires_grad flags, so pbnn.BNN(model.net) finds the same frozen parameters.
         self.net = copy.deepcopy(net)
-        # The copy's own tensors are only shapes and initial values: every value used in the
-        # model comes from a sample or param site, so they need no gradient.
-        self.net.requires_grad_(False)
         self.prior = copy.deepcopy(prior) if prior is not None else _priors.Normal(0.0, 1.0)
         # a copy: it records this network's output shape
         self.likelihood = copy.deepcopy(likelihood) if likelihood is not None else _lik.Gaussian(scale="learned")
