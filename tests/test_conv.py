@@ -14,8 +14,13 @@ from test_backend_contract import FAST
 import pbnn
 from pbnn.infer.base import BACKENDS
 
-
 # ----------------------------------------------------------------------------- frozen backbones
+# NUTS / HMC trees on a conv net are slow on a CPU: shallower trees and one chain here
+CONV_FAST = {**FAST, "nuts": {**FAST["nuts"], "max_tree_depth": 3, "num_chains": 1}}
+CONV_FAST["hmc"] = {**FAST["hmc"], "num_leapfrog_steps": 5, "num_chains": 1}
+CONV_FAST["csghmc"] = {"num_samples": 4, "map_steps": 5, "num_cycles": 2}
+
+
 def _frozen_net():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
@@ -33,7 +38,7 @@ def test_every_backend_leaves_frozen_parameters_bit_identical(name):
     y = torch.sin(2 * x[:, 0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        post = pbnn.fit(model, x, y, method=name, progress=False, seed=0, **FAST.get(name, {}))
+        post = pbnn.fit(model, x, y, method=name, progress=False, seed=0, **CONV_FAST.get(name, {}))
         mean = post.predict(x).mean
     for k, v in frozen.items():
         assert torch.equal(model.net[0].state_dict()[k], v), k
@@ -42,6 +47,23 @@ def test_every_backend_leaves_frozen_parameters_bit_identical(name):
     with torch.no_grad():
         model.net[0].bias.add_(1.0)
     assert not torch.allclose(post.predict(x).mean, mean)
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_every_backend_fits_and_predicts_a_bayesian_conv2d(name):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 3, 3, generator=g)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 2), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8, 1))
+    model = pbnn.BNN(net, likelihood=pbnn.likelihoods.Gaussian(0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        post = pbnn.fit(model, x, x.mean((1, 2, 3)), method=name, progress=False, seed=0, **CONV_FAST.get(name, {}))
+    assert "0.weight" in post.samples  # the conv kernel is Bayesian
+    draws = post.samples["0.weight"].flatten(0, 1)
+    assert draws.shape[1:] == (2, 1, 2, 2) and torch.isfinite(draws).all()
+    pred = post.predict(x)
+    assert pred.mean.shape == (16,) and torch.isfinite(pred.mean).all()
 
 
 def test_frozen_parameters_are_excluded_from_bayesian_and_last_layer():
