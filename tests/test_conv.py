@@ -14,8 +14,13 @@ from test_backend_contract import FAST
 import pbnn
 from pbnn.infer.base import BACKENDS
 
-
 # ----------------------------------------------------------------------------- frozen backbones
+# NUTS / HMC trees on a conv net are slow on a CPU: shallower trees and one chain here
+CONV_FAST = {**FAST, "nuts": {**FAST["nuts"], "max_tree_depth": 3, "num_chains": 1}}
+CONV_FAST["hmc"] = {**FAST["hmc"], "num_leapfrog_steps": 5, "num_chains": 1}
+CONV_FAST["csghmc"] = {"num_samples": 4, "map_steps": 5, "num_cycles": 2}
+
+
 def _frozen_net():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
@@ -33,7 +38,7 @@ def test_every_backend_leaves_frozen_parameters_bit_identical(name):
     y = torch.sin(2 * x[:, 0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        post = pbnn.fit(model, x, y, method=name, progress=False, seed=0, **FAST.get(name, {}))
+        post = pbnn.fit(model, x, y, method=name, progress=False, seed=0, **CONV_FAST.get(name, {}))
         mean = post.predict(x).mean
     for k, v in frozen.items():
         assert torch.equal(model.net[0].state_dict()[k], v), k
@@ -42,6 +47,23 @@ def test_every_backend_leaves_frozen_parameters_bit_identical(name):
     with torch.no_grad():
         model.net[0].bias.add_(1.0)
     assert not torch.allclose(post.predict(x).mean, mean)
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_every_backend_fits_and_predicts_a_bayesian_conv2d(name):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 3, 3, generator=g)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 2), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8, 1))
+    model = pbnn.BNN(net, likelihood=pbnn.likelihoods.Gaussian(0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        post = pbnn.fit(model, x, x.mean((1, 2, 3)), method=name, progress=False, seed=0, **CONV_FAST.get(name, {}))
+    assert "0.weight" in post.samples  # the conv kernel is Bayesian
+    draws = post.samples["0.weight"].flatten(0, 1)
+    assert draws.shape[1:] == (2, 1, 2, 2) and torch.isfinite(draws).all()
+    pred = post.predict(x)
+    assert pred.mean.shape == (16,) and torch.isfinite(pred.mean).all()
 
 
 def test_frozen_parameters_are_excluded_from_bayesian_and_last_layer():
@@ -221,3 +243,112 @@ def test_batchnorm_in_eval_mode_keeps_its_statistics():
     for s in range(f.shape[0]):
         expected = torch.func.functional_call(net, {k: v[s] for k, v in draws.items()}, (x,))
         assert torch.allclose(f[s], expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- last layer from features
+def _last_layer_case():
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8), torch.nn.Tanh())
+    net = torch.nn.Sequential(backbone.requires_grad_(False), torch.nn.Linear(8, 4))
+    x = torch.randn(40, 3)
+    return pbnn.BNN(net, likelihood=pbnn.likelihoods.Categorical()), x, torch.randint(0, 4, (40,))
+
+
+def test_last_layer_jacobian_from_features_equals_autodiff():
+    from pbnn.infer import curvature
+
+    model, x, _ = _last_layer_case()
+    params, names = model.parameter_values(), model.bayesian_names
+    phi, f = curvature.final_layer_features(model, names, params, x)
+    assert torch.allclose(f, model.net(x)) and torch.allclose(phi, model.net[0](x))
+    layout = curvature.weight_layout(params, names)
+    jac = torch.func.vmap(
+        torch.func.jacrev(lambda th, x1: model.output({**params, **layout.split(th)}, x1[None])[0]), in_dims=(None, 0)
+    )(layout.join(params), x)
+    assert torch.allclose(curvature.output_jacobian(model, names, params, x), jac, atol=1e-6)
+    # not a final layer (something follows it): no feature path
+    assert curvature.final_layer_features(model, ["0.2.weight", "0.2.bias"], params, x) is None
+
+
+@pytest.mark.parametrize("hessian", ["kfac", "diag", "ggn"])
+def test_last_layer_glm_predictive_from_features_equals_the_jacobian_one(hessian):
+    model, x, y = _last_layer_case()
+    post = pbnn.fit(model, x, y, method="laplace", hessian=hessian, map_steps=30, num_samples=6, progress=False, seed=0)
+    pred = post.predict(x[:7])
+    params = {**post.fixed, **post.predictor.mean}
+    J = torch.func.vmap(
+        torch.func.jacrev(lambda th, x1: model.output({**params, **post.approximation.layout.split(th)}, x1[None])[0]),
+        in_dims=(None, 0),
+    )(post.approximation.layout.join(post.predictor.mean), x[:7])
+    F = post.approximation.functional_covariance(J).float()
+    assert torch.allclose(pred.f_cov, F, rtol=1e-4, atol=1e-6)
+    dtheta = post.approximation.layout.join(
+        {n: v.flatten(0, 1) - post.predictor.mean[n] for n, v in post.samples.items()}
+    )
+    f_s = model.output(params, x[:7]) + torch.einsum("mcd,sd->smc", J, dtheta)
+    assert torch.allclose(pred.samples, f_s, atol=1e-5)
+
+
+def test_last_layer_ggn_diagonal_from_features_equals_the_full_ggn_diagonal():
+    from pbnn.infer import curvature
+
+    model, x, _ = _last_layer_case()
+    params, names = model.parameter_values(), model.bayesian_names
+    full = curvature.ggn_full(model, names, params, x, {})
+    assert torch.allclose(curvature.ggn_diag(model, names, params, x, {}), full.diagonal(), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- outputs with extra dims
+def test_per_pixel_per_token_and_shaped_regression_likelihoods_match_torch():
+    torch.manual_seed(0)
+    F = torch.nn.functional
+    lik = pbnn.likelihoods.Categorical(class_dim=1)  # per-pixel logits [N, C, H, W], labels [N, H, W]
+    lik.set_output_shape((3, 4, 5))
+    f, y = torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 4, 5))
+    expected = -F.cross_entropy(f, y, reduction="none").sum((1, 2))
+    assert torch.allclose(lik.log_prob(f.flatten(1), {}, y), expected, atol=1e-5)
+    assert torch.allclose(lik.conditional(f.flatten(1), {}).log_prob(y), expected, atol=1e-5)
+    assert lik.validate_targets(y, 60).shape == (2, 4, 5)
+    with pytest.raises(ValueError, match=r"shape \[N, 4, 5\]"):
+        lik.validate_targets(y[:, 0], 60)
+    tok = pbnn.likelihoods.Categorical()  # per-token logits [N, T, C], labels [N, T]
+    tok.set_output_shape((4, 3))
+    f, y = torch.randn(2, 4, 3), torch.randint(0, 3, (2, 4))
+    expected = -F.cross_entropy(f.transpose(1, 2), y, reduction="none").sum(1)
+    assert torch.allclose(tok.log_prob(f.flatten(1), {}, y), expected, atol=1e-5)
+    reg = pbnn.likelihoods.Gaussian(0.5)  # [N, D1, D2]
+    reg.set_output_shape((2, 3))
+    f, y = torch.randn(4, 2, 3), torch.randn(4, 2, 3)
+    expected = torch.distributions.Normal(f, 0.5).log_prob(y).sum((1, 2))
+    assert torch.allclose(reg.log_prob(f.flatten(1), {}, y), expected, atol=1e-5)
+    assert torch.allclose(reg.conditional(f.flatten(1), {}).log_prob(y), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="Flatten"):
+        pbnn.likelihoods.MultiTaskGaussian().set_output_shape((2, 3))
+
+
+@pytest.mark.parametrize("case", ["pixels", "tokens", "regression"])
+def test_shaped_outputs_keep_their_shape_through_fit_and_predictive(case):
+    torch.manual_seed(0)
+    if case == "pixels":
+        net, lik = torch.nn.Conv2d(1, 3, 3, padding=1), pbnn.likelihoods.Categorical(class_dim=1)
+        x, y, mean_shape = torch.randn(10, 1, 4, 4), torch.randint(0, 3, (10, 4, 4)), (10, 4, 4, 3)
+    elif case == "tokens":
+        net, lik = torch.nn.Linear(4, 3), pbnn.likelihoods.Categorical()
+        x, y, mean_shape = torch.randn(10, 5, 4), torch.randint(0, 3, (10, 5)), (10, 5, 3)
+    else:
+        net, lik = (
+            torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Unflatten(1, (2, 3))),
+            pbnn.likelihoods.Gaussian(0.5),
+        )
+        x, y, mean_shape = torch.randn(10, 4), torch.randn(10, 2, 3), (10, 2, 3)
+    model = pbnn.BNN(net, likelihood=lik)
+    post = pbnn.fit(model, x, y, method="map", num_steps=5, progress=False, seed=0)
+    pred = post.predict(x)
+    assert pred.mean.shape == mean_shape
+    # one draw: the predictive log density is the likelihood of the network output, per point
+    f = model.output({**post.fixed, **{k: v[0, 0] for k, v in post.samples.items()}}, x)
+    assert torch.allclose(pred.log_prob(y), model.likelihood.log_prob(f, {}, y), atol=1e-5)
+    if lik.is_classification:
+        assert pred.entropy.shape == mean_shape[:-1]
+    post = pbnn.fit(model, x, y, method="svi", num_steps=5, num_samples=4, progress=False, seed=0)
+    assert post.predict(x).mean.shape == mean_shape and post.predict(x).log_prob(y).shape == (10,)

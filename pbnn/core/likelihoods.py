@@ -2,6 +2,13 @@
 noise sites) to a distribution over ``y`` with batch shape ``[..., N]``. Targets are ``[N]``
 for one output (``[N, 1]`` is flattened), ``[N, D]`` for ``D > 1``.
 
+Outputs with extra dimensions (a network returning ``[N, D1, D2]``, per-token logits
+``[N, T, C]``, per-pixel logits ``[N, C, H, W]`` with ``Categorical(class_dim=1)``) keep
+their shape: :class:`pbnn.BNN` sets :attr:`Likelihood.output_shape`, the flat ``f`` is viewed
+in it, and the distribution has batch shape ``[..., N]`` with the extra dimensions in its
+event (``log_prob`` sums them per point). Targets then have the shape ``[N, D1, D2]`` /
+``[N, T]`` / ``[N, H, W]``.
+
 Example:
     >>> import torch, pbnn
     >>> lik = pbnn.likelihoods.Gaussian(scale=0.5)
@@ -31,6 +38,27 @@ class Likelihood(nn.Module):
     """Base class. Subclasses set ``is_classification`` and implement the hooks."""
 
     is_classification: bool = False
+    #: the network's per-point output shape when it has extra dimensions (set by pbnn.BNN), else None
+    output_shape: tuple[int, ...] | None = None
+    supports_shaped_output: bool = False
+
+    def set_output_shape(self, shape: tuple[int, ...]) -> None:
+        """Record the network's per-point output shape (extra dimensions: more than one)."""
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 2:
+            self.output_shape = None
+            return
+        if not self.supports_shaped_output:
+            raise ValueError(
+                f"{type(self).__name__} needs a network output of shape [N, D]; this network returns "
+                f"[N, {', '.join(map(str, shape))}]. Flatten it (torch.nn.Flatten()) or use Gaussian, "
+                "Categorical or Bernoulli, which keep extra output dimensions"
+            )
+        self.output_shape = shape
+
+    def _shaped(self, f: torch.Tensor) -> torch.Tensor:
+        """``f [..., N, K]`` viewed as ``[..., N, *output_shape]``."""
+        return f.reshape(f.shape[:-1] + self.output_shape)
 
     def noise_sites(self, out_dim: int) -> dict[str, dist.Distribution]:
         """Priors of the likelihood's own latent variables (e.g. a learned noise scale)."""
@@ -67,6 +95,17 @@ def _check_real_targets(y: torch.Tensor, dim: int, what: str) -> torch.Tensor:
             raise ValueError(f"the network has 1 output, so y must have shape [N] or [N, 1]; got {tuple(y.shape)}")
     elif y.dim() != 2 or y.shape[1] != dim:
         raise ValueError(f"the network has {dim} outputs, so y must have shape [N, {dim}]; got {tuple(y.shape)}")
+    return y
+
+
+def _check_shaped_targets(y: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """Real targets of the network's per-point output shape: ``[N, *shape]``."""
+    if y.dtype == torch.bool or not (y.is_floating_point() or y.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{what} targets must be real numbers, got dtype {y.dtype}")
+    y = y.to(torch.get_default_dtype()) if not y.is_floating_point() else y
+    if tuple(y.shape[1:]) != tuple(shape):
+        dims = ", ".join(map(str, shape))
+        raise ValueError(f"the network's output is [N, {dims}], so y must have shape [N, {dims}]; got {tuple(y.shape)}")
     return y
 
 
@@ -108,14 +147,18 @@ class Gaussian(Likelihood):
     def noise_sites(self, out_dim):
         return {"sigma": dist.HalfNormal(self.scale_prior)} if self.learned else {}
 
+    supports_shaped_output = True
+
     def _loc_sigma(self, f, noise):
-        loc = _squeeze_single(f, f.shape[-1])
+        loc = self._shaped(f) if self.output_shape else _squeeze_single(f, f.shape[-1])
         sigma = noise["sigma"] if self.learned else self.scale
         # sigma has the draw dims of f (if any) but not the data dims: align it.
         return loc, sigma.reshape(sigma.shape + (1,) * (loc.dim() - sigma.dim()))
 
     def conditional(self, f, noise):
         loc, sigma = self._loc_sigma(f, noise)
+        if self.output_shape:
+            return dist.Normal(loc, sigma.expand_as(loc)).to_event(len(self.output_shape))
         return _normal(loc, sigma.expand_as(loc), f.shape[-1])
 
     def log_prob(self, f, noise, y):
@@ -123,9 +166,13 @@ class Gaussian(Likelihood):
         loc, sigma = self._loc_sigma(f, noise)
         u = (y - loc) / sigma
         lp = -0.5 * u * u - torch.log(sigma) - _HALF_LOG_2PI
+        if self.output_shape:
+            return lp.flatten(-len(self.output_shape)).sum(-1)
         return lp if dim == 1 else lp.sum(-1)
 
     def validate_targets(self, y, out_dim):
+        if self.output_shape:
+            return _check_shaped_targets(y, self.output_shape, "Gaussian")
         return _check_real_targets(y, out_dim, "Gaussian")
 
 
@@ -195,15 +242,16 @@ class MultiTaskGaussian(Likelihood):
         return _check_real_targets(y, out_dim, "MultiTaskGaussian")
 
 
-def _check_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+def _check_labels(y: torch.Tensor, num_classes: int, shape: tuple[int, ...] = ()) -> torch.Tensor:
     if y.is_floating_point():
         if not torch.all(y == torch.round(y)):
             raise ValueError(
                 "class labels must be integers, got non-integer floats; pass y as a LongTensor of class indices"
             )
         raise ValueError("class labels must have an integer dtype (torch.long); convert with y.long()")
-    if y.dim() != 1:
-        raise ValueError(f"class labels must have shape [N], got {tuple(y.shape)}")
+    if y.dim() != 1 + len(shape) or tuple(y.shape[1:]) != tuple(shape):
+        expected = ", ".join(["N", *map(str, shape)])
+        raise ValueError(f"class labels must have shape [{expected}], got {tuple(y.shape)}")
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= num_classes:
         raise ValueError(
@@ -216,6 +264,12 @@ def _check_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 class Categorical(Likelihood):
     """``y ~ Categorical(softmax(f))``: the network outputs one logit per class.
 
+    Args:
+        class_dim: the class dimension of a per-point output with extra dimensions: ``-1``
+            (default) for per-token logits ``[N, T, C]``, ``1`` for per-pixel logits
+            ``[N, C, H, W]`` (PyTorch's ``cross_entropy`` layout); counted in the output
+            without the batch dimension when negative. Labels are the output's shape without it.
+
     Example:
         >>> import torch, pbnn
         >>> pbnn.likelihoods.Categorical().conditional(torch.zeros(2, 3), {}).probs[0]
@@ -223,14 +277,45 @@ class Categorical(Likelihood):
     """
 
     is_classification = True
+    supports_shaped_output = True
+
+    def __init__(self, class_dim: int = -1) -> None:
+        super().__init__()
+        if not isinstance(class_dim, int) or class_dim == 0:
+            raise ValueError(f"class_dim must be a nonzero int (dim 0 is the batch), got {class_dim!r}")
+        self.class_dim = class_dim
+
+    def _axis(self) -> int:
+        """The class axis within the per-point output shape."""
+        k = len(self.output_shape)
+        axis = self.class_dim - 1 if self.class_dim > 0 else k + self.class_dim
+        if not 0 <= axis < k:
+            raise ValueError(
+                f"class_dim={self.class_dim} is out of range for a network output [N, {self.output_shape}]"
+            )
+        return axis
+
+    def _logits(self, f: torch.Tensor) -> torch.Tensor:
+        """``[..., N, *rest, C]``: the class dimension last."""
+        if not self.output_shape:
+            return f
+        g = self._shaped(f)
+        return g.movedim(g.dim() - len(self.output_shape) + self._axis(), -1)
 
     def conditional(self, f, noise):
-        return dist.Categorical(logits=f)
+        d = dist.Categorical(logits=self._logits(f))
+        return d.to_event(len(self.output_shape) - 1) if self.output_shape else d
 
     def log_prob(self, f, noise, y):
-        return torch.log_softmax(f, -1).gather(-1, y.expand(f.shape[:-1])[..., None])[..., 0]
+        logits = self._logits(f)
+        lp = torch.log_softmax(logits, -1).gather(-1, y.expand(logits.shape[:-1])[..., None])[..., 0]
+        return lp.flatten(-(len(self.output_shape) - 1)).sum(-1) if self.output_shape else lp
 
     def validate_targets(self, y, out_dim):
+        if self.output_shape:
+            shape, axis = list(self.output_shape), self._axis()
+            num = shape.pop(axis)
+            return _check_labels(y, num, tuple(shape))
         if out_dim < 2:
             raise ValueError("Categorical needs a network with >= 2 outputs (one logit per class); use Bernoulli")
         return _check_labels(y, out_dim)
@@ -246,15 +331,23 @@ class Bernoulli(Likelihood):
     """
 
     is_classification = True
+    supports_shaped_output = True
 
     def conditional(self, f, noise):
+        if self.output_shape:  # one logit per element of a shaped output (e.g. per pixel)
+            return dist.Bernoulli(logits=self._shaped(f)).to_event(len(self.output_shape))
         return dist.Bernoulli(logits=f[..., 0])
 
     def log_prob(self, f, noise, y):
-        logits = f[..., 0]
-        return -torch.nn.functional.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none")
+        logits = self._shaped(f) if self.output_shape else f[..., 0]
+        lp = -torch.nn.functional.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none")
+        return lp.flatten(-len(self.output_shape)).sum(-1) if self.output_shape else lp
 
     def validate_targets(self, y, out_dim):
+        if self.output_shape:
+            if y.is_floating_point() and not torch.all((y == 0) | (y == 1)):
+                raise ValueError("Bernoulli labels must be 0 or 1")
+            return _check_labels(y.long(), 2, self.output_shape).to(torch.get_default_dtype())
         if out_dim != 1:
             raise ValueError(f"Bernoulli needs a network with exactly 1 output (the logit), got {out_dim}")
         if y.dim() == 2 and y.shape[1] == 1:

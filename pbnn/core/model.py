@@ -133,12 +133,13 @@ class BNN(nn.Module):
             )
         if bayesian is not None and last_layer:
             raise ValueError("pass either bayesian= or last_layer=True, not both")
+        # The copy's own tensors are only shapes and initial values (and the frozen weights):
+        # every other value used in the model comes from a sample or param site. It keeps the
+        # caller's requires_grad flags, so pbnn.BNN(model.net) finds the same frozen parameters.
         self.net = copy.deepcopy(net)
-        # The copy's own tensors are only shapes and initial values: every value used in the
-        # model comes from a sample or param site, so they need no gradient.
-        self.net.requires_grad_(False)
         self.prior = copy.deepcopy(prior) if prior is not None else _priors.Normal(0.0, 1.0)
-        self.likelihood = likelihood if likelihood is not None else _lik.Gaussian(scale="learned")
+        # a copy: it records this network's output shape
+        self.likelihood = copy.deepcopy(likelihood) if likelihood is not None else _lik.Gaussian(scale="learned")
         if not isinstance(self.prior, _priors.Prior):
             raise TypeError("prior must be a pbnn.priors.Prior, e.g. pbnn.priors.Normal(0.0, 1.0)")
         if not isinstance(self.likelihood, _lik.Likelihood):
@@ -166,7 +167,9 @@ class BNN(nn.Module):
             # Eval mode: BatchNorm cannot take a one-row batch in train mode (and must not
             # update its running statistics here).
             with eval_mode(self.net), torch.no_grad():
-                self._out_dim = int(self.net(x[:1]).reshape(1, -1).shape[-1])
+                f = self.net(x[:1])
+            self.likelihood.set_output_shape(tuple(f.shape[1:]))
+            self._out_dim = int(f.reshape(1, -1).shape[-1])
         return self._out_dim
 
     def noise_sites(self, out_dim: int) -> dict[str, dist.Distribution]:
@@ -177,8 +180,15 @@ class BNN(nn.Module):
         return {n: p.detach().clone() for n, p in self.net.named_parameters()}
 
     def output(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Network output ``[N, out_dim]`` with the given parameter values (others as in ``net``)."""
+        """Network output ``[N, out_dim]`` with the given parameter values (others as in ``net``).
+
+        An output with extra dimensions (``[N, C, H, W]``) is flattened here, so curvature and
+        predictive code see one layout; the likelihood views it in its shape again
+        (:attr:`pbnn.likelihoods.Likelihood.output_shape`, recorded on the first call).
+        """
         f = functional_call(self.net, params, (x,))
+        if f.dim() > 2 and self.likelihood.output_shape != tuple(f.shape[1:]):
+            self.likelihood.set_output_shape(tuple(f.shape[1:]))
         return f.reshape(f.shape[0], -1)
 
     def prior_distributions(self, sample: dict[str, torch.Tensor]) -> dict[str, dist.Distribution]:

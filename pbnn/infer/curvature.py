@@ -31,6 +31,8 @@ __all__ = [
     "kfac_factors",
     "kfac_layers",
     "linear_layers",
+    "final_layer_features",
+    "feature_jacobian",
 ]
 
 SUPPORTED_LIKELIHOODS = (_lik.Gaussian, _lik.MultiTaskGaussian, _lik.Bernoulli, _lik.Categorical)
@@ -42,6 +44,12 @@ def check_likelihood(likelihood) -> None:
         raise ValueError(
             f"GGN curvature supports Gaussian, MultiTaskGaussian, Bernoulli and Categorical likelihoods, "
             f"got {type(likelihood).__name__}; use hessian='full' (exact Hessian, small nets) or method='svi'"
+        )
+    if likelihood.output_shape and not isinstance(likelihood, _lik.Gaussian):
+        dims = ", ".join(map(str, likelihood.output_shape))
+        raise ValueError(
+            f"GGN curvature supports outputs with extra dimensions (here [N, {dims}]) for the Gaussian likelihood "
+            f"only, not {type(likelihood).__name__}; use hessian='full' (small nets) or method='svi'"
         )
 
 
@@ -72,12 +80,87 @@ def weight_layout(values: dict[str, torch.Tensor], names: list[str]) -> SiteLayo
     return SiteLayout([(n, values[n].shape, identity_transform) for n in names])
 
 
+def final_layer_features(model, names: list[str], params: dict[str, torch.Tensor], x: torch.Tensor):
+    """``(phi [N, in], f [N, C])`` when ``names`` are the weight (and bias) of an ``nn.Linear`` whose
+    output is the network's output (a last-layer subset); else None.
+
+    Then ``f = phi W^T + b``: the Jacobian in the layer's weights is ``phi`` itself, so last-layer
+    curvature and predictives need the features only, computed once per chunk of points under
+    ``no_grad`` (no Jacobian of the feature extractor, memory proportional to the last layer).
+
+    Example:
+        >>> import torch, pbnn
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+        >>> model = pbnn.BNN(net, last_layer=True)
+        >>> phi, f = final_layer_features(model, model.bayesian_names, model.parameter_values(), torch.ones(4, 2))
+        >>> phi.shape, torch.allclose(phi, net[:2](torch.ones(4, 2)))
+        (torch.Size([4, 3]), True)
+    """
+    owners = {n: prefix for prefix, mod in model.net.named_modules() for n in _own_names(prefix, mod)}
+    prefixes = {owners.get(n) for n in names}
+    if len(prefixes) != 1:
+        return None
+    prefix = prefixes.pop()
+    mod = dict(model.net.named_modules())[prefix]
+    if not isinstance(mod, nn.Linear) or sorted(names) != sorted(_own_names(prefix, mod)):
+        return None
+    seen = []
+    handle = mod.register_forward_hook(lambda m, inp, out: seen.append((inp[0], out)))
+    phis, fs = [], []
+    try:
+        with torch.no_grad(), eval_mode(model.net):
+            for xb in x.split(CHUNK):
+                seen.clear()
+                f = model.output(params, xb)
+                if (
+                    len(seen) != 1
+                    or seen[0][0].dim() != 2
+                    or seen[0][1].shape != f.shape
+                    or not torch.equal(seen[0][1], f)
+                ):
+                    return None  # the layer runs more than once, or something follows it
+                phis.append(seen[0][0])
+                fs.append(f)
+    finally:
+        handle.remove()
+    return torch.cat(phis), torch.cat(fs)
+
+
+def _own_names(prefix: str, mod: nn.Module) -> list[str]:
+    return [f"{prefix}.{p}" if prefix else p for p, _ in mod.named_parameters(recurse=False)]
+
+
+def feature_jacobian(model, names: list[str], params: dict[str, torch.Tensor], phi: torch.Tensor) -> torch.Tensor:
+    """The output Jacobian ``[N, C, D]`` of a final ``nn.Linear`` from its input features ``phi``.
+
+    Example:
+        >>> import torch, pbnn
+        >>> model = pbnn.BNN(torch.nn.Linear(2, 3))
+        >>> feature_jacobian(model, ["weight", "bias"], model.parameter_values(), torch.ones(5, 2)).shape
+        torch.Size([5, 3, 9])
+    """
+    layout = weight_layout(params, names)
+    n, c = phi.shape[0], params[names[0]].shape[0]
+    eye = torch.eye(c, dtype=phi.dtype, device=phi.device)
+    parts = {}
+    for name in names:
+        if params[name].dim() == 2:  # weight [C, in]: d f_c / d W_{c', j} = [c == c'] phi_j
+            parts[name] = eye[None, :, :, None] * phi[:, None, None, :]
+        else:  # bias [C]
+            parts[name] = eye.expand(n, c, c)
+    return layout.join(parts)
+
+
 def output_jacobian(model, names: list[str], params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``d f(x_n) / d theta`` for the parameters ``names``, ``[N, C, D]``.
 
     ``params`` holds every network parameter's value; ``torch.func.jacrev`` is vmapped over
-    data points (so the cost is one reverse pass per output per point, batched).
+    data points (so the cost is one reverse pass per output per point, batched). For a final
+    ``nn.Linear`` (:func:`final_layer_features`) it is built from the layer's input features.
     """
+    feats = final_layer_features(model, names, params, x)
+    if feats is not None:
+        return feature_jacobian(model, names, params, feats[0])
     layout = weight_layout(params, names)
     theta = layout.join(params)
 
@@ -92,9 +175,13 @@ def output_jacobian(model, names: list[str], params: dict[str, torch.Tensor], x:
 def _scaled_jacobians(model, names, params, x, noise):
     """Yield ``L_n^T J_n`` ``[B, C, D]`` per chunk of data: the GGN is the sum of their squares."""
     for xb in x.split(CHUNK):
-        J = output_jacobian(model, names, params, xb)
-        with torch.no_grad():
-            f = model.output(params, xb)
+        feats = final_layer_features(model, names, params, xb)
+        if feats is not None:  # a last layer: features once, no Jacobian of the feature extractor
+            J, f = feature_jacobian(model, names, params, feats[0]), feats[1]
+        else:
+            J = output_jacobian(model, names, params, xb)
+            with torch.no_grad(), eval_mode(model.net):
+                f = model.output(params, xb)
         L = loss_hessian_sqrt(model.likelihood, f, noise)
         yield torch.einsum("bck,bcd->bkd", L, J)
 
@@ -115,7 +202,16 @@ def ggn_full(model, names: list[str], params: dict[str, torch.Tensor], x: torch.
 
 
 def ggn_diag(model, names: list[str], params: dict[str, torch.Tensor], x: torch.Tensor, noise: dict) -> torch.Tensor:
-    """Diagonal of the GGN, ``[D]``, in float64 (exactly ``ggn_full(...).diagonal()``)."""
+    """Diagonal of the GGN, ``[D]``, in float64 (exactly ``ggn_full(...).diagonal()``).
+
+    For a final ``nn.Linear`` in closed form from its features: ``sum_n Lambda_n[c, c] phi_nj^2``
+    for ``W_cj`` and ``sum_n Lambda_n[c, c]`` for ``b_c``."""
+    feats = final_layer_features(model, names, params, x)
+    if feats is not None:
+        phi, f = (t.double() for t in feats)
+        lam = loss_hessian_sqrt(model.likelihood, f, noise).double().pow(2).sum(-1)  # diag of L L^T, [N, C]
+        parts = {n: lam.T @ phi.pow(2) if params[n].dim() == 2 else lam.sum(0) for n in names}
+        return weight_layout(params, names).join(parts)
     g = None
     for LJ in _scaled_jacobians(model, names, params, x, noise):
         part = LJ.double().pow(2).sum((0, 1))

@@ -23,12 +23,16 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from pbnn.core import likelihoods as _lik
+from pbnn.core.model import eval_mode
 from pbnn.core.options import one_of, option, optional, positive, positive_int
 from pbnn.core.potential import Potential, SiteLayout
 from pbnn.engine.optim import fit_map, resolve_batch_size
 from pbnn.infer.base import Backend, RunOptions, register
 from pbnn.infer.curvature import (
+    CHUNK,
     check_likelihood,
+    feature_jacobian,
+    final_layer_features,
     ggn_diag,
     ggn_full,
     kfac_factors,
@@ -114,6 +118,11 @@ class Laplace(Backend, RunOptions):
         model = potential.network(self.name)
         if self.hessian != "full" or self.predictive == "glm":
             check_likelihood(model.likelihood)
+        if self.predictive == "glm" and model.likelihood.output_shape:
+            raise ValueError(
+                f"predictive='glm' needs a network output [N, D]; this one has extra dimensions "
+                f"[N, {str(model.likelihood.output_shape)[1:-1]}]: use predictive='nn'"
+            )
         subset, names = self._subset_names(model)
         self._check_dim(sum(size for n, size in zip(potential.names, potential.sizes) if n in names))
         z, fixed_det, losses = self._fit_map(potential)
@@ -501,16 +510,51 @@ class LaplacePredictor:
             return predict_bnn(model, full, det, x)
         # frozen parameters are not in either dict: the network's own values are used
         params = {n: self.mean.get(n, post.fixed.get(n)) for n in model.bayesian_names + model.deterministic_names}
-        with torch.no_grad():
-            f_mu = model.output(params, x)
+        approx = post.approximation
+        feats = final_layer_features(model, self.names, params, x)
+        if feats is not None:  # a last layer: its features suffice, no [N, C, D] Jacobian for KFAC
+            phi, f_mu = feats
+            F = _last_layer_covariance(model, approx, self.names, params, phi).to(f_mu.dtype)
+            f_s = f_mu + _last_layer_outputs({n: draws[n] - self.mean[n] for n in self.names}, phi)
+        else:
+            with torch.no_grad(), eval_mode(model.net):
+                f_mu = model.output(params, x)
+            J = output_jacobian(model, self.names, params, x).detach()
+            F = approx.functional_covariance(J).to(f_mu.dtype)
+            # Draws of the linearised network f_mu + J (theta_s - theta*): the per-draw view (ArviZ, LOO).
+            dtheta = approx.layout.join({n: draws[n] - self.mean[n] for n in self.names})
+            f_s = f_mu + torch.einsum("mcd,sd->smc", J, dtheta)
         noise = {n: post.fixed[n] for n in model.noise_sites(f_mu.shape[-1])}
-        J = output_jacobian(model, self.names, params, x).detach()
-        F = post.approximation.functional_covariance(J).to(f_mu.dtype)
-        # Draws of the linearised network f_mu + J (theta_s - theta*): the per-draw view (ArviZ, LOO).
-        dtheta = post.approximation.layout.join({n: draws[n] - self.mean[n] for n in self.names})
-        f_s = f_mu + torch.einsum("mcd,sd->smc", J, dtheta)
         noise_s = {k: v.expand((S,) + tuple(v.shape)) for k, v in noise.items()}
         return GLMPrediction(f_s, model.likelihood.conditional(f_s, noise_s), f_mu, F, model.likelihood, noise)
+
+
+def _last_layer_outputs(delta: dict[str, torch.Tensor], phi: torch.Tensor) -> torch.Tensor:
+    """``phi dW_s^T + db_s`` ``[S, N, C]``: a final Linear's output change for weight changes ``delta``."""
+    out = 0.0
+    for v in delta.values():
+        out = out + (torch.einsum("scj,nj->snc", v, phi) if v.dim() == 3 else v[:, None, :])
+    return out
+
+
+def _last_layer_covariance(model, approx, names, params, phi: torch.Tensor) -> torch.Tensor:
+    """``J Sigma J^T`` ``[N, C, C]`` of a final Linear from its features ``phi``.
+
+    KFAC in closed form: with ``Sigma`` diagonal ``1 / lam`` in the eigenbasis ``Q_G kron Q_A``,
+    ``F_n = Q_G diag(sum_i (Q_A^T a_n)_i^2 / lam_oi) Q_G^T`` (``a_n = [phi_n, 1]``): ``O(N C K)``, no
+    ``[N, C, D]`` Jacobian. Other curvatures: the Jacobian built from the features, in chunks.
+    """
+    if isinstance(approx, KroneckerApproximation):
+        ((p, _, b),) = approx.layers
+        _, qg, _, qa = approx.eig[p]
+        a = phi.double()
+        if b is not None:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+        weight = (a @ qa).pow(2) @ (1.0 / approx._eigenvalues(p)).T  # [N, out]
+        return torch.einsum("co,no,do->ncd", qg, weight, qg)
+    return torch.cat(
+        [approx.functional_covariance(feature_jacobian(model, names, params, chunk)) for chunk in phi.split(CHUNK)]
+    )
 
 
 class GLMPrediction(Prediction):
