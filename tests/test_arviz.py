@@ -35,7 +35,7 @@ def data():
 @pytest.fixture(scope="module")
 def post(data):
     x, y = data
-    return pbnn.fit(pbnn.BNN(tiny_net()), x, y, method="svi", num_steps=200, num_samples=100, seed=0, progress=False)
+    return pbnn.fit(pbnn.BNN(tiny_net()), x, y, method="svi", num_steps=100, num_samples=100, seed=0, progress=False)
 
 
 # ------------------------------------------------------------------ groups, dims, layout
@@ -207,6 +207,35 @@ def test_layout_of_independent_draws_gives_rhat_without_shape_warnings(caplog):
     assert np.isfinite(summary["r_hat"]).all() and (summary["ess_bulk"] > 0).all()
 
 
+def test_one_chain_is_split_in_order_with_its_stats():
+    """One chain of 12 draws (e.g. one SG-MCMC chain) becomes 3 consecutive blocks of 4, its
+    sample_stats laid out the same way."""
+    x = torch.randn(6, 1)
+    w = torch.arange(12.0).reshape(1, 12, 1, 1)
+    post = pbnn.Posterior(
+        pbnn.BNN(torch.nn.Linear(1, 1), likelihood=pbnn.likelihoods.Gaussian(1.0)),
+        {"weight": w, "bias": torch.zeros(1, 12, 1)},
+        data=pbnn.data.Data(x, torch.zeros(6)),
+        method="test",
+        sample_stats={"step_size": torch.arange(12.0)[None]},
+    )
+    idata = post.to_arviz()
+    np.testing.assert_array_equal(idata.posterior["weight"].values[..., 0, 0], np.arange(12.0).reshape(3, 4))
+    np.testing.assert_array_equal(idata.sample_stats["step_size"].values, np.arange(12.0).reshape(3, 4))
+    flat_ll = post.log_likelihood().reshape(12, 6).numpy()
+    np.testing.assert_array_equal(idata.log_likelihood["obs"].values.reshape(12, 6), flat_ll)
+
+
+def test_dims_of_convolutions_and_other_sites():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 1))
+    model = pbnn.BNN(net)
+    assert pbnn.arviz_io.site_dims(model, "0.weight", 4) == ["0.out", "0.in", "0.kernel_0", "0.kernel_1"]
+    assert pbnn.arviz_io.site_dims(model, "0.bias", 1) == ["0.out"]
+    assert pbnn.arviz_io.site_dims(model, "2.weight", 2) == ["2.out", "2.in"]
+    assert pbnn.arviz_io.site_dims(model, "sigma", 0) == []
+    assert pbnn.arviz_io.site_dims(lambda x, y=None: None, "w", 2) == ["w_dim_0", "w_dim_1"]
+
+
 def test_sample_stats_group():
     x = torch.randn(10, 1)
     post = pbnn.Posterior(
@@ -253,6 +282,7 @@ OPTIONS = {
     "num_cycles": 2,
     "max_tree_depth": 3,
     "num_leapfrog_steps": 5,
+    "thinning": 1,
 }
 STATS = {  # what ArviZ reads from each sampler's sample_stats
     "nuts": {"diverging", "lp", "acceptance_rate", "step_size", "tree_depth", "n_steps", "energy"},

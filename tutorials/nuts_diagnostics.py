@@ -72,9 +72,11 @@ print(sorted(idata.groups()))
 
 # %% [markdown]
 # `post.to_arviz()` returns an ArviZ `InferenceData` with the groups `posterior` (every
-# weight site, dims `[chain, draw, ...]`), `sample_stats` (`diverging`, `acceptance_rate`,
-# `step_size`, `tree_depth`, `n_steps`, `lp`), `observed_data` and `log_likelihood` (the
-# pointwise `log p(y_i | theta)` that LOO needs).
+# weight site, dims `[chain, draw, ...]` named after the layer: `"0.weight"` has dims
+# `("0.out", "0.in")`, the hidden units and the inputs of layer `0`), `sample_stats`
+# (`diverging`, `acceptance_rate`, `step_size`, `tree_depth`, `n_steps`, `energy`, `lp`),
+# `log_likelihood` (the pointwise `log p(y_i | theta)` that LOO needs), `posterior_predictive`
+# (one simulated data set per draw), `observed_data` and `constant_data` (the inputs `x`).
 #
 # pbnn has already looked at the draws: when the largest R-hat exceeds 1.01, the bulk ESS
 # is under 100 per chain or any transition diverged, `pbnn.fit` warns with the numbers
@@ -119,7 +121,7 @@ plt.tight_layout()
 plt.savefig(OUT / "nuts_trace.png", dpi=90)
 plt.close("all")
 
-axes = az.plot_rank(idata, var_names=["sigma", "2.bias", "0.weight"], coords={"0.weight_dim_0": [0, 1]})
+axes = az.plot_rank(idata, var_names=["sigma", "2.bias", "0.weight"], coords={"0.out": [0, 1]})
 plt.gcf().set_size_inches(10, 3)
 plt.tight_layout()
 plt.savefig(OUT / "nuts_rank.png", dpi=90)
@@ -198,6 +200,20 @@ plt.savefig(OUT / "nuts_pair.png", dpi=90)
 plt.close("all")
 
 # %% [markdown]
+# The energy plot compares the distribution of the Hamiltonian (`sample_stats["energy"]`)
+# with that of its change between draws. When the transitions are much narrower than the
+# marginal (BFMI, printed per chain, below about 0.3), momentum resampling cannot move the
+# chain through the energy levels fast enough: typical of heavy tails and funnels.
+
+# %%
+print("BFMI per chain:", [round(float(b), 2) for b in az.bfmi(idata)])
+az.plot_energy(idata)
+plt.gcf().set_size_inches(5, 3.5)
+plt.tight_layout()
+plt.savefig(OUT / "nuts_energy.png", dpi=90)
+plt.close("all")
+
+# %% [markdown]
 # A tree depth that sits at `max_tree_depth` means NUTS stopped its trajectories early
 # (`2**max_tree_depth` leapfrog steps): draws are still valid, but more autocorrelated.
 # Raise `max_tree_depth` if ESS is low and the depth is saturated.
@@ -259,6 +275,43 @@ with warnings.catch_warnings():
     comparison = az.compare({"Normal(0, 1)": idata, "Normal(0, 0.1)": idata_tight}, ic="loo")
 print(comparison[["rank", "elpd_loo", "p_loo", "elpd_diff", "dse", "weight"]])
 
+# %% [markdown]
+# ## Posterior predictive checks: `az.plot_ppc` and LOO-PIT
+#
+# `posterior_predictive` holds, for every posterior draw, one simulated data set at the
+# training inputs. `az.plot_ppc` overlays their densities on the observed `y`: a model
+# that cannot reproduce the data's spread shows it here. LOO-PIT is sharper: for every
+# point, the leave-one-out predictive probability of a value below the observed one; if
+# the predictive is calibrated these are uniform. `az.plot_loo_pit` draws their density
+# over densities of uniform samples: a U shape means the observations fall in the
+# predictive's tails (too narrow, or off-centre), a hump in the middle too wide, a slope a
+# bias to one side.
+
+# %%
+fig, axes = plt.subplots(2, 2, figsize=(9, 6))
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # Pareto-k warnings at quick-mode sizes
+    for col, (data, label) in enumerate([(idata, "Normal(0, 1)"), (idata_tight, "Normal(0, 0.1)")]):
+        az.plot_ppc(data, num_pp_samples=50, ax=axes[0, col])
+        axes[0, col].set_title(f"plot_ppc: {label}")
+        az.plot_loo_pit(data, y="obs", ax=axes[1, col])
+        axes[1, col].set_title(f"LOO-PIT: {label}")
+plt.tight_layout()
+plt.savefig(OUT / "nuts_ppc.png", dpi=90)
+plt.close("all")
+print(f"wrote {OUT / 'nuts_ppc.png'}")
+
+# %% [markdown]
+# Under Normal(0, 1) the simulated data sets match the two humps of the observed `y` (the
+# clusters near -1 and +1) and the LOO-PIT stays among the uniform curves. Under the tight
+# prior the simulated data make one hump around 0: the network cannot reach the amplitude
+# of `sin(x)`. Its LOO-PIT is U-shaped: each observation falls in a tail of its predictive
+# (below it on one cluster, above it on the other), the same verdict as LOO's.
+#
+# For predictions at new inputs, `post.to_arviz(x_new=x_grid)` adds the groups
+# `predictions` (one draw of `y` per posterior draw at every `x_new`) and
+# `predictions_constant_data` (`x_new`).
+
 # %%
 x_grid = torch.linspace(-4, 4, 200)[:, None]
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
@@ -291,4 +344,5 @@ print(f"wrote {OUT / 'nuts_loo.png'}")
 # 3. Rank plots: uniform histograms.
 # 4. Divergences: none, or raise `target_accept`; look where they cluster with `az.plot_pair`.
 # 5. Tree depth not stuck at the maximum (or raise `max_tree_depth`).
-# 6. Compare models with `az.loo` / `az.compare`, and heed Pareto-k warnings.
+# 6. Posterior predictive checks: `az.plot_ppc`, `az.plot_loo_pit` (uniform when calibrated).
+# 7. Compare models with `az.loo` / `az.compare`, and heed Pareto-k warnings.

@@ -6,7 +6,7 @@ Groups of ``post.to_arviz(x_new=None, y_new=None)``:
   tensor (e.g. Laplace's ``sigma``), repeated over the draws, so ``az.summary`` lists it.
 - ``sample_stats``: the sampler's statistics under ArviZ's names (when it records any).
 - ``log_likelihood`` (``obs``): pointwise ``log p(y_i | theta)``, computed once per posterior
-  and cached (:func:`training_prediction`).
+  and cached (:func:`training_log_likelihood`).
 - ``posterior_predictive`` (``obs``): one draw of ``y`` at every training input per posterior
   draw (seeded); ``observed_data`` (``obs``); ``constant_data``: the training inputs ``x``
   and the network tensors that were fitted as point estimates (non-Bayesian layers).
@@ -54,7 +54,6 @@ from pbnn.core.model import BNN
 
 __all__ = [
     "to_inference_data",
-    "training_prediction",
     "training_log_likelihood",
     "site_dims",
     "export_layout",
@@ -118,38 +117,40 @@ def _is_network_tensor(model, name: str) -> bool:
     return "$$$" in name  # parameters that pyro.module registered for a torch module
 
 
-def _training(post) -> tuple:
-    """``(prediction, log_likelihood)`` at the training inputs, computed once and cached on ``post``.
+def _draw_y(pred, seed: int, stream: int) -> torch.Tensor:
+    """One draw of ``y`` per posterior draw of ``pred``, from ``seed`` (``stream`` 0: at the
+    training inputs, 1: at ``x_new``), leaving torch's global random state as it was."""
+    device = pred.samples.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(int(np.random.SeedSequence([seed, stream]).generate_state(1)[0]))
+        return pred.conditional.sample()
 
-    A posterior does not change after its fit; the cache is keyed by the predictor's
-    ``predictive`` setting (Laplace's can be switched after fitting). It is never saved.
+
+def _training(post, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log_likelihood [chain, draw, N], y draws [chain * draw, N, ...])`` at the training inputs.
+
+    Computed from one pass of the predictive and cached on ``post`` (a posterior does not
+    change after its fit): the log-likelihood once, the draws of ``y`` for the last ``seed``.
+    Keyed by the predictor's ``predictive`` setting (Laplace's can be switched after
+    fitting). Only these two ``[S, N]`` tables are kept, not the predictive itself; the cache
+    is never saved.
     """
     key = getattr(post.predictor, "predictive", None)
-    cache = post.__dict__.setdefault("_training_cache", {})
-    if key not in cache:
-        cache.clear()
+    cache = post.__dict__.get("_training_cache")
+    if cache is None or cache["predictive"] != key or cache["seed"] != seed:
         pred = post.predict(post.data.x)
-        lp = pred.pointwise_log_likelihood(post.data.y).reshape(post.num_chains, post.num_draws, -1)
-        cache[key] = (pred, lp)
-    return cache[key]
-
-
-def training_prediction(post):
-    """``post.predict(post.data.x)`` with all draws (computed once per posterior, then cached)."""
-    return _training(post)[0]
+        if cache is None or cache["predictive"] != key:
+            lp = pred.pointwise_log_likelihood(post.data.y).reshape(post.num_chains, post.num_draws, -1)
+            cache = {"predictive": key, "log_likelihood": lp}
+        cache.update(seed=seed, replicates=_draw_y(pred, seed, 0))
+        post.__dict__["_training_cache"] = cache
+    return cache["log_likelihood"], cache["replicates"]
 
 
 def training_log_likelihood(post) -> torch.Tensor:
-    """Pointwise ``log p(y_i | x_i, theta)`` of the training data, ``[chain, draw, N]`` (cached)."""
-    return _training(post)[1]
-
-
-def _draw_y(preds: list, seed: int) -> list[torch.Tensor]:
-    """One draw of ``y`` per posterior draw from each prediction, in order, from ``seed``."""
-    device = preds[0].samples.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-        torch.manual_seed(seed)
-        return [p.conditional.sample() for p in preds]
+    """Pointwise ``log p(y_i | x_i, theta)`` of the training data, ``[chain, draw, N]`` (computed
+    once per posterior, then cached)."""
+    return _training(post)[0]
 
 
 def to_inference_data(post, x_new=None, y_new=None, *, seed: int = 0):
@@ -186,13 +187,14 @@ def to_inference_data(post, x_new=None, y_new=None, *, seed: int = 0):
     dims = {k: site_dims(model, k, v.ndim - 2) for k, v in posterior.items()}
     dims.update({k: site_dims(model, k, v.ndim) for k, v in constant.items()})
 
-    pred = training_prediction(post)
+    log_lik, replicates = _training(post, seed)
     y = post.data.y
     obs_dims = [f"obs_dim_{i}" for i in range(y.dim() - 1)]
     groups = {
         "posterior": posterior,
         "sample_stats": {k: lay(v) for k, v in post.sample_stats.items()},
-        "log_likelihood": {"obs": lay(training_log_likelihood(post))},
+        "log_likelihood": {"obs": lay(log_lik)},
+        "posterior_predictive": {"obs": lay(replicates, 1)},
         "observed_data": {"obs": _np(y)},
         "constant_data": constant,
     }
@@ -202,19 +204,14 @@ def to_inference_data(post, x_new=None, y_new=None, *, seed: int = 0):
         constant["x"] = _np(x)
         dims["x"] = ["obs_id"] + [f"x_dim_{i}" for i in range(x.dim() - 1)]
     pred_dims = {"obs": ["pred_id"] + obs_dims}
-    preds = [pred]
     if x_new is not None:
         x_new = check_inputs(x_new, x if isinstance(x, torch.Tensor) else None)
         new = post.predict(x_new)
-        preds.append(new)
+        groups["predictions"] = {"obs": lay(_draw_y(new, seed, 1), 1)}
         groups["predictions_constant_data"] = {"x": _np(x_new)}
         pred_dims["x"] = ["pred_id"] + [f"x_dim_{i}" for i in range(x_new.dim() - 1)]
         if y_new is not None:
             groups["predictions_constant_data"]["obs"] = _np(new._check_targets(y_new))
-    sampled = _draw_y(preds, seed)
-    groups["posterior_predictive"] = {"obs": lay(sampled[0], 1)}
-    if x_new is not None:
-        groups["predictions"] = {"obs": lay(sampled[1], 1)}
     groups = {k: v for k, v in groups.items() if v}
     coords = {"obs_id": np.arange(y.shape[0])}
     pred_coords = {"pred_id": np.arange(x_new.shape[0])} if x_new is not None else {}
