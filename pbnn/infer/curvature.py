@@ -191,7 +191,7 @@ def kfac_factors(model, names: list[str], params: dict[str, torch.Tensor], x: to
             for p, _, b in layers:
                 a = acts[p]
                 if b is not None:
-                    a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+                    a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
                 factors[p][1] = factors[p][1] + a.T @ a
     finally:
         for h in handles:

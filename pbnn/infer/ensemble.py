@@ -65,7 +65,7 @@ class DeepEnsemble(Backend, RunOptions, OptimOptions):
         weights = None
         if self.bootstrap:  # resample counts: member m sees point i weights[m, i] times
             idx = torch.randint(0, n, (num, n))
-            weights = torch.zeros(num, n).scatter_add_(1, idx, torch.ones(num, n))
+            weights = torch.zeros(num, n).scatter_add_(1, idx, torch.ones(num, n)).to(z0)  # counts: exact in any dtype
         # distributed: every rank draws all members' starts and trains its block of them
         mine = distributed.chain_slice(num, every_rank=True)
         z, fixed, losses = fit_points(
