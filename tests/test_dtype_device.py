@@ -199,6 +199,16 @@ def test_data_follow_the_model():
     assert as_tensor(torch.zeros(2, dtype=torch.float16), "x", like=torch.zeros(1, dtype=F64)).dtype == F64
 
 
+def test_data_move_to_the_model_device(device):
+    """CPU data (tensors or arrays) for a BNN on ``device`` go there; so do inputs to ``predict``."""
+    model = _bnn(device)
+    data = validate(model, torch.zeros(4, 1), np.zeros(4))
+    _check("x", data.x, device)
+    _check("y", data.y, device)
+    post = _fit("map", model, torch.linspace(-1, 1, 8)[:, None], torch.zeros(8))
+    _check("mean", post.predict(np.zeros((3, 1))).mean, device)
+
+
 def test_bnn_constants_follow_the_network():
     """Prior and likelihood constants take the network's dtype; the caller's likelihood is not cast."""
     lik = pbnn.likelihoods.Gaussian(scale=0.5)
