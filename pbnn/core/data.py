@@ -200,14 +200,23 @@ def _declared_rows(source) -> int | None:
         return None
 
 
-def as_tensor(a, name: str, *, float_only: bool = False) -> torch.Tensor:
-    """Convert arrays/lists to tensors (floats to the default dtype) and reject NaN/inf."""
+def as_tensor(a, name: str, *, float_only: bool = False, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Convert arrays/lists to tensors and reject NaN/inf.
+
+    Floats take the dtype and device of ``like`` when given (a BNN's parameters: the data
+    follows the model, so ``net.double()`` or ``net.cuda()`` is all a user does); otherwise
+    tensors keep their dtype and device, and arrays / lists get the default dtype.
+    """
     if a is None:
         raise ValueError(f"{name} is None; pass an array or tensor")
     if isinstance(a, np.ndarray) or not isinstance(a, torch.Tensor):
         a = torch.as_tensor(np.asarray(a))
+        if a.is_floating_point():
+            a = a.to(torch.get_default_dtype())
     if a.is_floating_point() or float_only:
-        a = a.to(torch.get_default_dtype())
+        a = a.to(like.dtype if like is not None else a.dtype if a.is_floating_point() else torch.get_default_dtype())
+    if like is not None:
+        a = a.to(like.device)
     if a.dim() == 0:
         raise ValueError(f"{name} is a scalar; pass one row per example (shape [N, ...])")
     if a.shape[0] == 0:
@@ -302,7 +311,8 @@ def _validate_source(model, source) -> Data | LoaderData:
             d = _validate_tensors(model, bx, by, where)
             state.update(row=tuple(d.x.shape[1:]), out=model.output_dim(d.x) if isinstance(model, BNN) else None)
             return d.x, d.y
-        bx, by = as_tensor(bx, f"x of {where}", float_only=True), as_tensor(by, f"y of {where}")
+        like = next(model.net.parameters()) if isinstance(model, BNN) else None
+        bx, by = as_tensor(bx, f"x of {where}", float_only=True, like=like), as_tensor(by, f"y of {where}", like=like)
         if bx.shape[0] != by.shape[0]:
             raise ValueError(f"{where}: x and y have different numbers of rows ({bx.shape[0]} and {by.shape[0]})")
         if tuple(bx.shape[1:]) != state["row"]:
@@ -336,12 +346,13 @@ def _validate_tensors(model, x, y, where: str = "") -> Data:
             return _validate_tensors(model, x, y)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    x = as_tensor(x, "x", float_only=True)
-    y = as_tensor(y, "y")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y have different numbers of rows: len(x) = {x.shape[0]}, len(y) = {y.shape[0]}")
     from pbnn.core.model import BNN  # local: data checks sit below the model in the import graph
 
+    like = next(model.net.parameters()) if isinstance(model, BNN) else None  # the data follows a BNN's weights
+    x = as_tensor(x, "x", float_only=True, like=like)
+    y = as_tensor(y, "y", like=like)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y have different numbers of rows: len(x) = {x.shape[0]}, len(y) = {y.shape[0]}")
     if isinstance(model, BNN):
         _check_batch_dim(model.net, x)
         try:
@@ -349,6 +360,7 @@ def _validate_tensors(model, x, y, where: str = "") -> Data:
         except RuntimeError as e:
             raise ValueError(f"the network cannot take x of shape {tuple(x.shape)}: {e}") from e
         y = model.likelihood.validate_targets(y, out_dim)
+        y = y.to(like.dtype) if y.is_floating_point() else y  # integer regression targets too
     return Data(x, y)
 
 
@@ -386,7 +398,7 @@ def check_inputs(x, train_x: torch.Tensor | None, what: str = "x") -> torch.Tens
     Raises ValueError naming both shapes (and ``x[:, None]`` for a 1-D ``x`` where the
     training inputs had one feature column) instead of a raw matmul / bmm error later.
     """
-    x = as_tensor(x, what, float_only=True)
+    x = as_tensor(x, what, float_only=True, like=train_x)
     if train_x is None or tuple(x.shape[1:]) == tuple(train_x.shape[1:]):
         return x
     expected = "[M" + "".join(f", {d}" for d in train_x.shape[1:]) + "]"

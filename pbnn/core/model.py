@@ -145,6 +145,13 @@ class BNN(nn.Module):
         if not isinstance(self.likelihood, _lik.Likelihood):
             raise TypeError("likelihood must be a pbnn.likelihoods.Likelihood, e.g. pbnn.likelihoods.Gaussian()")
         self.prior.set_fan_ins(_fan_ins(self.net))
+        # The constants of prior and likelihood follow the network (net.double(), net.cuda()).
+        p0 = next(self.net.parameters())
+        self.prior.to(device=p0.device, dtype=p0.dtype)
+        if any(
+            b.dtype != p0.dtype or b.device != p0.device for b in self.likelihood.buffers() if b.is_floating_point()
+        ):
+            self.likelihood = copy.deepcopy(self.likelihood).to(device=p0.device, dtype=p0.dtype)
 
         if last_layer:
             train_ids = {id(p) for n, p in self.net.named_parameters() if n in names}

@@ -244,26 +244,29 @@ class BNNPotential(Potential):
         if self.model.hyper_names:
             return None
         loc, prec, const = [], [], 0.0
+        p0 = next(iter(params.values()))
+        like = {"dtype": p0.dtype, "device": p0.device}  # the network's: no per-call cast or copy
         for name, size in zip(self.names, self.sizes):
             spec = self.model.prior.fixed_normal(name, params[name]) if name in params else (0.0, math.inf)
             if spec is None:
                 return None
             m, s = spec
-            loc.append(torch.full((size,), m))
-            prec.append(torch.full((size,), 0.0 if math.isinf(s) else s**-2))
+            loc.append(torch.full((size,), m, **like))
+            prec.append(torch.full((size,), 0.0 if math.isinf(s) else s**-2, **like))
             const -= 0.0 if math.isinf(s) else size * (math.log(s) + 0.5 * math.log(2 * math.pi))
-        return torch.cat(loc), torch.cat(prec), torch.tensor(const)
+        return torch.cat(loc), torch.cat(prec), torch.tensor(const, **like)
 
     def initial_z(self) -> torch.Tensor:
         """The network's own initialisation for the weights, prior medians elsewhere."""
         values = self.model.init_values()
+        half = values[self.model.bayesian_names[0]].new_tensor(0.5)  # the network's dtype and device
         for n in self.names:
             if n not in values:
                 if n in self.model.hyper_names:
                     d = self.model.prior.hyper_distribution()
                 else:
                     d = self.model.noise_sites(self.out_dim)[n]
-                values[n] = d.icdf(torch.tensor(0.5)).expand(d.event_shape) if hasattr(d, "icdf") else d.mean
+                values[n] = d.icdf(half).expand(d.event_shape) if hasattr(d, "icdf") else d.mean
         return self.pack(values)
 
     def log_joint(self, z, idx=None, fixed=None, jacobian=True):
@@ -307,8 +310,9 @@ class PyroPotential(Potential):
         self.model, self.data = model, data
         self.supports_minibatch = accepts_subsample(model)
         # Forked RNG: finding the sites (init_to_median draws from the prior) never moves the
-        # caller's random stream.
-        with torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
+        # caller's random stream (nor the current CUDA device's, once CUDA is in use).
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda), pyro.get_param_store().scope():
             trace = poutine.trace(model).get_trace(data.x, data.y)
             sites, init = [], {}
             for name, site in trace.iter_stochastic_nodes():

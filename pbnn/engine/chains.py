@@ -68,7 +68,7 @@ def run_chains(
     stats {name: [C, S]}, final state)``.
     """
     draws, stats, sums = [], {}, {}
-    div = torch.zeros(position(state).shape[0], dtype=torch.long)
+    div = torch.zeros(position(state).shape[0], dtype=torch.long, device=position(state).device)
     total = warmup + num_samples * thinning
     bar = tqdm(range(total), desc=desc, disable=not progress, leave=False)
     for it in bar:
@@ -217,9 +217,10 @@ def sample_sgmcmc(
 
 
 # ---------------------------------------------------------------------------- starting points
-def chain_generator() -> torch.Generator:
-    """The fit's generator, seeded from torch's (already seeded) RNG."""
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+def chain_generator(device: torch.device | str | None = None) -> torch.Generator:
+    """The fit's generator on ``device`` (the model's: kernels draw where the chains live),
+    seeded from torch's (already seeded) CPU RNG."""
+    return torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, ()).item()))
 
 
 def check_chain_options(backend) -> None:
@@ -251,8 +252,12 @@ def init_chains(
         if unknown:
             raise ValueError(f"init has unknown sites {sorted(unknown)}; the latent sites are {potential.names}")
         values = potential.layout.constrain(base)
-        base = potential.pack({**values, **{k: torch.as_tensor(v, dtype=base.dtype) for k, v in init.items()}})
-    z0 = base.expand(num_chains, -1) + jitter * torch.randn(num_chains, base.shape[-1], generator=generator)
+        base = potential.pack(
+            {**values, **{k: torch.as_tensor(v, dtype=base.dtype, device=base.device) for k, v in init.items()}}
+        )
+    z0 = base.expand(num_chains, -1) + jitter * torch.randn(
+        num_chains, base.shape[-1], generator=generator, dtype=base.dtype, device=base.device
+    )
     fixed = potential.fixed
     if (isinstance(init, str) and init == "map") or fixed:
         z0, fixed, _ = fit_map(
@@ -276,7 +281,7 @@ def chain_start(potential, chain: int) -> torch.Tensor:
     if chain == 0:
         return z
     if potential.kind != "bnn":
-        return torch.rand(z.shape, dtype=z.dtype) * 4 - 2
+        return torch.rand(z.shape, dtype=z.dtype, device=z.device) * 4 - 2
     model = potential.model
     net = copy.deepcopy(model.net)
     for m in net.modules():
@@ -297,7 +302,9 @@ def warm_start(potential, z: torch.Tensor, *, num_steps: int, batch_size: int | 
     moving = None
     if potential.kind == "bnn":
         weights = set(potential.model.bayesian_names)
-        moving = torch.cat([torch.full((s,), n in weights) for n, s in zip(potential.names, potential.sizes)])
+        moving = torch.cat(
+            [torch.full((s,), n in weights, device=z.device) for n, s in zip(potential.names, potential.sizes)]
+        )
     z, _, _ = fit_map(
         potential,
         z,

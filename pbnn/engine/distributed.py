@@ -58,6 +58,8 @@ __all__ = [
     "DistributedTimeoutError",
     "check_timeout",
     "check_loader",
+    "local_cuda_device",
+    "rng_devices",
 ]
 
 T = TypeVar("T")
@@ -163,16 +165,49 @@ def data_parallel(backend: str | None = None, timeout: float | None = None):
     raises :class:`DistributedTimeoutError` (module docstring)."""
     seconds = check_timeout(timeout)
     if not _group_ready() and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        dist.init_process_group(
-            backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-            timeout=datetime.timedelta(seconds=seconds),
-        )
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        device = local_cuda_device(backend)
+        if device is not None:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     token, timeout_token = _ACTIVE.set(True), _TIMEOUT.set(seconds)
     try:
         yield
     finally:
         _TIMEOUT.reset(timeout_token)
         _ACTIVE.reset(token)
+
+
+def local_cuda_device(backend: str, environ: dict | None = None) -> int | None:
+    """The CUDA device a rank takes before pbnn creates an NCCL group: torchrun's ``LOCAL_RANK``
+    (NCCL needs one GPU per rank; without ``torch.cuda.set_device`` every rank would use GPU 0).
+    None for other backends (gloo: the model's device is the user's choice).
+
+    Example:
+        >>> local_cuda_device("nccl", {"LOCAL_RANK": "3"}), local_cuda_device("gloo", {"LOCAL_RANK": "3"})
+        (3, None)
+    """
+    if backend != "nccl":
+        return None
+    return int((os.environ if environ is None else environ).get("LOCAL_RANK", 0))
+
+
+def rng_devices() -> list[int]:
+    """The CUDA devices whose RNG a seeded block forks and restores: the current one once CUDA is
+    in use, else none. Not every visible device: forking one creates a context on it (under
+    torchrun, on every other rank's GPU).
+
+    Example (CPU only):
+        >>> import torch
+        >>> rng_devices() == ([torch.cuda.current_device()] if torch.cuda.is_initialized() else [])
+        True
+    """
+    return [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
+def _collective_device() -> torch.device | None:
+    """Where a collective's own tensors live: NCCL only moves CUDA tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
 
 def allreduce_sum_(tensors: list[torch.Tensor]) -> None:
@@ -191,7 +226,7 @@ def broadcast_seed(seed: int | None) -> int | None:
     """The seed every rank should use: the given one, or rank 0's random draw."""
     if not is_active() or seed is not None:
         return seed
-    t = torch.randint(0, 2**62, (1,))
+    t = torch.randint(0, 2**62, (1,)).to(_collective_device())
     _run("broadcast", lambda: dist.broadcast(t, src=0, async_op=True))
     return int(t.item())
 
@@ -270,7 +305,7 @@ def all_gather(obj: T) -> list[T]:
         return [obj]
     # As dist.all_gather_object (pickle, all_gather of the sizes, then of the padded bytes), but
     # with async collectives waited on under the timeout. The bytes come from this job's ranks.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    device = _collective_device()
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
     size = torch.tensor([len(data)], device=device)
@@ -342,12 +377,12 @@ def map_chains(run: Callable[[int, torch.Generator], T], num_chains: int, genera
         >>> out.shape
         torch.Size([2, 3])
     """
-    seeds = torch.randint(0, 2**62, (num_chains, 2), generator=generator).tolist()
+    seeds = torch.randint(0, 2**62, (num_chains, 2), generator=generator, device=generator.device).tolist()
 
     def one(c: int):
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=rng_devices()):
             torch.manual_seed(seeds[c][1])
-            return run(c, torch.Generator().manual_seed(seeds[c][0]))
+            return run(c, torch.Generator(generator.device).manual_seed(seeds[c][0]))
 
     if num_chains == 1:
         return one(0)

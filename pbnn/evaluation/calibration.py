@@ -141,8 +141,8 @@ class TemperatureScaling(_Calibrator):
     def fit(self, pred, y, max_iter: int = 100) -> TemperatureScaling:
         """Fit ``T`` on validation predictions (Prediction or logits ``[N, C]`` / ``[S, N, C]``) and labels."""
         logits, _ = _class_logits(pred)
-        y = _labels(y, logits.shape[1], logits.shape[2])
-        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        y = _labels(y, logits.shape[1], logits.shape[2]).to(logits.device)
+        log_t = torch.zeros((), dtype=torch.float64, device=logits.device, requires_grad=True)
         _lbfgs([log_t], lambda: _mixture_nll(logits / log_t.exp(), y), max_iter)
         self.temperature = float(log_t.detach().exp())
         return self
@@ -182,9 +182,9 @@ class VectorScaling(_Calibrator):
         """Fit ``w, b`` on validation predictions (Prediction or logits) and labels."""
         logits, _ = _class_logits(pred)
         num_classes = logits.shape[2]
-        y = _labels(y, logits.shape[1], num_classes)
-        log_w = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-        b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+        y = _labels(y, logits.shape[1], num_classes).to(logits.device)
+        log_w = torch.zeros(num_classes, dtype=torch.float64, device=logits.device, requires_grad=True)
+        b = torch.zeros(num_classes, dtype=torch.float64, device=logits.device, requires_grad=True)
         _lbfgs([log_w, b], lambda: _mixture_nll(logits * log_w.exp() + b, y), max_iter)
         self.weight, self.bias = log_w.detach().exp(), b.detach() - b.detach().mean()  # b is shift-invariant
         return self
@@ -253,7 +253,7 @@ class VarianceScaling(_Calibrator):
             mix = torch.logsumexp(lp, 0) - math.log(lp.shape[0])
             return -(mix.mean() - per_point_dims * log_s)
 
-        log_s = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        log_s = torch.zeros((), dtype=torch.float64, device=y.device, requires_grad=True)
         _lbfgs([log_s], loss, max_iter)
         self.scale = float(log_s.detach().exp())
         return self

@@ -99,7 +99,7 @@ def class_probs(pred) -> torch.Tensor:
 
 
 def _labels(y, n: int, num_classes: int) -> torch.Tensor:
-    y = torch.as_tensor(np.asarray(y))
+    y = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
     if y.dim() == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.dim() != 1 or y.shape[0] != n:
@@ -129,7 +129,7 @@ def _labels(y, n: int, num_classes: int) -> torch.Tensor:
 
 def _probs_labels(pred, y) -> tuple[torch.Tensor, torch.Tensor]:
     p = class_probs(pred)
-    return p, _labels(y, p.shape[0], p.shape[1])
+    return p, _labels(y, p.shape[0], p.shape[1]).to(p.device)
 
 
 def _regression(pred, what: str) -> Prediction:
@@ -148,7 +148,7 @@ def _targets(pred: Prediction, y) -> torch.Tensor:
     y = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
     if y.dtype == torch.bool or y.is_complex():
         raise ValueError(f"regression targets must be real numbers, got dtype {y.dtype}")
-    y = y.to(mean.dtype)
+    y = y.to(mean.device, mean.dtype)
     shape, want = tuple(y.shape), tuple(mean.shape)
     if shape != want and not (y.numel() == mean.numel() and shape[:1] == want[:1] and 1 in (shape + want)[1:]):
         raise ValueError(
@@ -254,7 +254,7 @@ def pit(pred: Prediction, y: torch.Tensor) -> torch.Tensor:
 def pit_calibration_curve(pred: Prediction, y: torch.Tensor, num_levels: int = 19) -> tuple[np.ndarray, np.ndarray]:
     """Regression calibration curve (Kuleshov et al. 2018): for levels ``p`` in (0, 1), the fraction
     of targets with PIT <= ``p``: ``(expected, observed)``."""
-    return _pit_curve(pit(pred, y).reshape(-1).double().numpy(), num_levels)
+    return _pit_curve(pit(pred, y).reshape(-1).double().cpu().numpy(), num_levels)
 
 
 def _pit_curve(u: np.ndarray, num_levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -304,7 +304,7 @@ def _crps_points(pred: Prediction, y, num_samples: int, seed: int | None) -> tor
         return term1
     # sum_{i,j} |x_i - x_j| = 2 sum_i (2 i - m - 1) x_(i) over sorted samples, i = 1..m
     xs = x.sort(0).values
-    w = (2 * torch.arange(1, m + 1, dtype=xs.dtype) - m - 1).reshape((m,) + (1,) * (xs.dim() - 1))
+    w = (2 * torch.arange(1, m + 1, dtype=xs.dtype, device=xs.device) - m - 1).reshape((m,) + (1,) * (xs.dim() - 1))
     term2 = 2 * (w * xs).sum(0) / (m * (m - 1))
     return term1 - term2 / 2
 
@@ -514,7 +514,7 @@ def ood_auroc(in_dist, out_dist, score: str = "entropy") -> float:
     if len(a) == 0 or len(b) == 0:
         raise ValueError("ood_auroc needs at least one in-distribution and one OOD point")
     # Mann-Whitney U from average ranks (ties get the mean rank)
-    scores = torch.cat([a, b]).numpy()
+    scores = torch.cat([a.cpu(), b.cpu()]).numpy()
     from scipy.stats import rankdata
 
     ranks = rankdata(scores)
@@ -568,7 +568,7 @@ def _quantile_atoms(d: torch.distributions.Distribution, per_draw: int) -> torch
     """Sorted atoms ``[S * L, N, ...]`` standing in for the mixture: each draw's quantiles at
     ``(l + 1/2) / L`` (for a Normal rescaled to the component's exact variance)."""
     loc, scale = d.loc.detach().double(), d.scale.detach().double()
-    u = (torch.arange(per_draw, dtype=torch.float64) + 0.5) / per_draw
+    u = (torch.arange(per_draw, dtype=torch.float64, device=loc.device) + 0.5) / per_draw
     u = u.reshape((-1,) + (1,) * loc.dim())
     if isinstance(d, dist.Normal):
         z = torch.distributions.Normal(0.0, 1.0).icdf(u)
@@ -608,7 +608,8 @@ def wasserstein2(pred, reference, x=None, num_samples: int | None = None, per_dr
     da, db = _location_scale(p), _location_scale(q)
     na, nb = da.loc.shape[0] * per_draw, db.loc.shape[0] * per_draw
     # both quantile functions are steps on [0, 1]: integrate over the merged breakpoints exactly
-    breaks = torch.cat([torch.arange(na + 1, dtype=torch.float64) / na, torch.arange(1, nb) / nb]).unique()
+    f64 = {"dtype": torch.float64, "device": da.loc.device}
+    breaks = torch.cat([torch.arange(na + 1, **f64) / na, torch.arange(1, nb, **f64) / nb]).unique()
     mid, width = (breaks[1:] + breaks[:-1]) / 2, breaks.diff()
     ia, ib = (mid * na).long().clamp_max(na - 1), (mid * nb).long().clamp_max(nb - 1)
     width = width.reshape((-1,) + (1,) * (da.loc.dim() - 1))

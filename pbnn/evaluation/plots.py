@@ -104,7 +104,7 @@ def calibration_curve(
     """
     expected, observed = metrics.pit_calibration_curve(pred, y, num_levels)
     err = float(np.abs(observed - expected).mean())
-    u = metrics.pit(pred, y).reshape(-1).double().numpy()
+    u = metrics.pit(pred, y).reshape(-1).double().cpu().numpy()
     fig = Figure(figsize=(8.0, 3.6))
     ax, hist = fig.subplots(1, 2)
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")

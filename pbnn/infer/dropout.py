@@ -173,10 +173,11 @@ class MCDropout(Backend, RunOptions, OptimOptions):
     def _mask(self, weight: torch.Tensor, p: float, num: int, gen: torch.Generator) -> torch.Tensor:
         """``num`` masks already scaled by ``1 / p_keep``: on input columns (dropout) or elements (DropConnect)."""
         shape = (num,) + (tuple(weight.shape) if self._connect else (1, weight.shape[1]))
-        return torch.bernoulli(torch.full(shape, 1.0 - p), generator=gen) / (1.0 - p)
+        keep = torch.full(shape, 1.0 - p, dtype=weight.dtype, device=weight.device)
+        return torch.bernoulli(keep, generator=gen) / (1.0 - p)
 
     def _draws(self, values: dict[str, torch.Tensor], rates: dict[str, float], seed: int) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(next(iter(values.values())).device).manual_seed(seed)
         s = self.num_samples
         out = {}
         for name, v in values.items():

@@ -70,7 +70,7 @@ class DeepEnsemble(Backend, RunOptions, OptimOptions):
             )
         if self.bootstrap:  # resample counts: member m sees point i weights[m, i] times
             idx = torch.randint(0, n, (num, n))
-            weights = torch.zeros(num, n).scatter_add_(1, idx, torch.ones(num, n))
+            weights = torch.zeros(num, n).scatter_add_(1, idx, torch.ones(num, n)).to(z0)  # counts: exact in any dtype
         # distributed: every rank draws all members' starts and trains its block of them
         mine = distributed.chain_slice(num, every_rank=True)
         z, fixed, losses = fit_points(
@@ -91,6 +91,7 @@ class DeepEnsemble(Backend, RunOptions, OptimOptions):
         if fixed:  # deterministic parameters differ per member: store them per draw too
             samples.update({k: v[:, None] for k, v in fixed.items()})
             predictor = predict_params
-        if potential.kind == "bnn" and has_batchnorm(potential.model.net):  # each member gets its own BatchNorm statistics
+        # each member gets its own BatchNorm statistics
+        if potential.kind == "bnn" and has_batchnorm(potential.model.net):
             predictor = predict_bn_refresh
         return self.posterior(potential, samples, predictor=predictor, info=info)

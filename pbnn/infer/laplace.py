@@ -132,6 +132,7 @@ class Laplace(Backend, RunOptions):
         prior_mean, model_prec = _gaussian_prior(model, values, layout)
         curv, hessian, note = self._curvature(potential, z, fixed_det, layout, model_prec)
         labels, index = self._groups(layout)
+        index = index.to(theta.device)
         log_lik = float(model.log_likelihood(values, potential.data.x, potential.data.y, fixed_det).sum())
         dev2 = (theta - prior_mean) ** 2 if prior_mean is not None else None
         prec, lml_fn = self._prior_precision(curv, layout, index, theta, dev2, model_prec, log_lik)
@@ -344,10 +345,18 @@ class Laplace(Backend, RunOptions):
                 if not eig:
                     eig.append(torch.linalg.eigvalsh(obj.detach()))
                 shifted = eig[0] + prec[0]
-                return shifted.log().sum() if bool((shifted > 0).all()) else torch.tensor(math.inf, dtype=prec.dtype)
+                return (
+                    shifted.log().sum()
+                    if bool((shifted > 0).all())
+                    else torch.tensor(math.inf, dtype=prec.dtype, device=prec.device)
+                )
             if kind == "dense":
                 L, info = torch.linalg.cholesky_ex(obj + torch.diag(prec))
-                return 2 * L.diagonal().log().sum() if int(info) == 0 else torch.tensor(math.inf, dtype=prec.dtype)
+                return (
+                    2 * L.diagonal().log().sum()
+                    if int(info) == 0
+                    else torch.tensor(math.inf, dtype=prec.dtype, device=prec.device)
+                )
             if kind == "diag":
                 return (obj + prec).log().sum()
             return obj.logdet_precision(_layer_deltas(prec, layout, obj.layers))
@@ -361,7 +370,7 @@ class Laplace(Backend, RunOptions):
         if self.prior_precision == "prior":
             prec = model_prec
         elif self.prior_precision == "marglik":
-            init = torch.zeros(int(index.max()) + 1, dtype=torch.double)
+            init = torch.zeros(int(index.max()) + 1, dtype=torch.double, device=index.device)
             if model_prec is not None:  # start from the model's prior (group means)
                 init = torch.stack([model_prec[index == g].mean().log() for g in range(len(init))])
             log_d = init.clone().requires_grad_(True)  # L-BFGS: few parameters, smooth
@@ -603,7 +612,7 @@ class GLMPrediction(Prediction):
         if not isinstance(self.likelihood, _lik.Categorical):
             return self.f_var
         C = self.f_cov.shape[-1]
-        P = torch.eye(C, dtype=self.f_cov.dtype) - 1.0 / C
+        P = torch.eye(C, dtype=self.f_cov.dtype, device=self.f_cov.device) - 1.0 / C
         return (P @ self.f_cov @ P).diagonal(dim1=-2, dim2=-1)
 
     def _probit_probs(self) -> torch.Tensor:
@@ -645,7 +654,7 @@ class GLMPrediction(Prediction):
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
         """Closed-form (regression) or probit (classification) log predictive density, ``[N]``."""
-        y = torch.as_tensor(y)
+        y = torch.as_tensor(y, device=self.f_mean.device)
         if isinstance(self.likelihood, _lik.Bernoulli):
             p = self._probit_probs().clamp(1e-12, 1 - 1e-12)
             y = y.to(p.dtype)
@@ -659,9 +668,9 @@ class GLMPrediction(Prediction):
         return MultivariateNormal(self.f_mean, covariance_matrix=cov).log_prob(y)
 
     def cdf(self, y: torch.Tensor) -> torch.Tensor:
-        return self._marginal().cdf(torch.as_tensor(y, dtype=self.f_mean.dtype))
+        return self._marginal().cdf(torch.as_tensor(y, dtype=self.f_mean.dtype, device=self.f_mean.device))
 
     def quantile(self, q: float) -> torch.Tensor:
         if self.is_classification:
             raise ValueError("quantile is defined for regression; for classification use interval()")
-        return self._marginal().icdf(torch.as_tensor(q, dtype=self.f_mean.dtype))
+        return self._marginal().icdf(torch.as_tensor(q, dtype=self.f_mean.dtype, device=self.f_mean.device))

@@ -62,7 +62,7 @@ class MH(Backend, RunOptions, ChainOptions):
         chains.check_chain_options(self)
 
     def run(self, potential):
-        gen = chains.chain_generator()
+        gen = chains.chain_generator(potential.initial_z().device)
         with pyro.validation_enabled(False), torch.no_grad():
             z0, fixed = self.start_chains(potential, gen)
 

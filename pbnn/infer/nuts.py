@@ -42,7 +42,7 @@ class _Hamiltonian(Backend, RunOptions, ChainOptions):
         chains.check_chain_options(self)
 
     def run(self, potential):
-        gen = chains.chain_generator()
+        gen = chains.chain_generator(potential.initial_z().device)
         # Sampling never needs argument validation, and it costs time on every step.
         with pyro.validation_enabled(False):
             z0, fixed = self.start_chains(potential, gen)

@@ -218,7 +218,7 @@ def negative_elbo(potential, posterior, fixed: dict[str, torch.Tensor], estimato
         loc, scale = q.base_dist.loc, q.base_dist.scale
         x, y, ll_scale = data.rows(idx)
         mean, sd = potential.layout.split(loc), potential.layout.split(scale)
-        total = torch.zeros((), dtype=loc.dtype)
+        total = torch.zeros((), dtype=loc.dtype, device=loc.device)
         for _ in range(num_particles):
             z = loc + scale * torch.randn_like(loc)
             sample, log_det = potential.unpack(z)

@@ -83,12 +83,12 @@ class _SGMCMC(Backend, RunOptions, ChainOptions):
         def run(c: int, gen: torch.Generator):  # chain c; its randomness depends only on (seed, c)
             z = chains.chain_start(potential, c)
             if self.init_jitter > 0:
-                z = z + self.init_jitter * torch.randn(z.shape, dtype=z.dtype)
+                z = z + self.init_jitter * torch.randn(z.shape, dtype=z.dtype, device=z.device)
             if warm_start:
                 z = chains.warm_start(
                     potential, z, num_steps=self.map_steps, batch_size=self.batch_size, progress=self.progress
                 )
-            own = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=gen).item()))
+            own = torch.Generator(z.device).manual_seed(int(torch.randint(0, 2**62, (), generator=gen).item()))
             grad = chains.sg_gradient(potential, self.batch_size, own, compile, self.name)
             return chains.sample_sgmcmc(
                 grad,
@@ -377,7 +377,7 @@ class SGMCMCKernel(MCMCKernel):
         self.transforms = {n: t.inv for n, t in zip(self.potential.names, self.potential.transforms)}
         if self._generator is None:  # kept across chains, so sequential chains differ
             seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            self._generator = torch.Generator().manual_seed(seed)
+            self._generator = torch.Generator(self.potential.initial_z().device).manual_seed(seed)
         compile = self.compile is True  # "auto" has no run length to go by here: eager
         self._grad = chains.sg_gradient(self.potential, self.batch_size, self._generator, compile, self.method)
         self._rule, self._sched = self.options._rule(len(self.potential.data)), self.options._schedule()

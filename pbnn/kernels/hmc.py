@@ -144,7 +144,7 @@ _LEAF_STATE = _END + _PROP + ("log_w", "rho", "sum_acc", "n", "div", "running", 
 
 
 @functools.cache
-def _checkpoint_tables(max_tree_depth: int, compiled: bool) -> list[tuple]:
+def _checkpoint_tables(max_tree_depth: int, compiled: bool, device: torch.device | None = None) -> list[tuple]:
     """Per leaf index ``k`` of a subtree: where to store a U-turn checkpoint (even ``k``), which
     checkpoints to check against (odd ``k``), and whether it is the first leaf; as masks over
     the ``K`` checkpoints (``compiled``) or as Python ints.
@@ -164,11 +164,11 @@ def _checkpoint_tables(max_tree_depth: int, compiled: bool) -> list[tuple]:
             trailing_ones = (k ^ (k + 1)).bit_length() - 1
             check = list(range(idx_max - trailing_ones + 1, idx_max + 1))
         if compiled:
-            st, ch = torch.zeros(K, dtype=torch.bool), torch.zeros(K, dtype=torch.bool)
+            st, ch = torch.zeros(K, dtype=torch.bool, device=device), torch.zeros(K, dtype=torch.bool, device=device)
             if store is not None:
                 st[store] = True
             ch[check] = True
-            out.append((st, ch, torch.tensor(k == 0)))
+            out.append((st, ch, torch.tensor(k == 0, device=device)))
         else:
             out.append((store, check, k == 0))
     return out
@@ -235,14 +235,14 @@ def _build_subtree(
     z = start["z"]
     C, D = z.shape
     K = max(max_tree_depth, 1)
-    zeros = torch.zeros(C, D, dtype=z.dtype)
+    zeros = z.new_zeros(C, D)
     state = tuple(start[k] for k in ("z", "r", "g", "lp", "ps", "z", "lp", "g"))
-    state += (torch.full((C,), -math.inf, dtype=z.dtype), zeros, torch.zeros(C, dtype=z.dtype))
-    state += (torch.zeros(C, dtype=torch.long), torch.zeros(C, dtype=torch.bool), active.clone(), zeros, zeros)
-    ck = tuple(torch.zeros(K, C, D, dtype=z.dtype) for _ in range(3))  # distinct: no aliasing guard
-    tables = _checkpoint_tables(max_tree_depth, compiled)
+    state += (z.new_full((C,), -math.inf), zeros, z.new_zeros(C))
+    state += (z.new_zeros(C, dtype=torch.long), z.new_zeros(C, dtype=torch.bool), active.clone(), zeros, zeros)
+    ck = tuple(z.new_zeros(K, C, D) for _ in range(3))  # distinct: no aliasing guard
+    tables = _checkpoint_tables(max_tree_depth, compiled, z.device if compiled else None)
     for k in range(2**depth):
-        u = torch.rand(C, generator=gen, dtype=z.dtype)
+        u = torch.rand(C, generator=gen, dtype=z.dtype, device=z.device)
         state, ck = leaf(state, ck, u, tables[k], v_eps, inv_mass, H0)
         if not bool(state[13].any()):  # every chain stopped (or was inactive)
             break
@@ -270,28 +270,28 @@ def nuts_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, max_tree_depth: int = 10
     C = z.shape[0]
     compiled = isinstance(fn, Target) and fn.compile
     leaf = fn.compiled("nuts_leaf", _leaf_step(fn.raw, True)) if compiled else _leaf_step(fn, False)
-    r0 = torch.randn(z.shape, generator=gen, dtype=z.dtype) / inv_mass.sqrt()
+    r0 = torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device) / inv_mass.sqrt()
     ps0 = inv_mass * r0
     H0 = 0.5 * torch.linalg.vecdot(r0, ps0) - lp
     left = {"z": z, "r": r0, "g": g, "lp": lp, "ps": ps0}
     right = dict(left)
     sample = {"zp": z, "lpp": lp, "gp": g}
-    log_w = torch.zeros(C, dtype=z.dtype)
+    log_w = z.new_zeros(C)
     rho = r0
     active = torch.isfinite(lp)
-    depth = torch.zeros(C, dtype=torch.long)
-    n = torch.zeros(C, dtype=torch.long)
-    div = torch.zeros(C, dtype=torch.bool)
-    sum_acc = torch.zeros(C, dtype=z.dtype)
+    depth = z.new_zeros(C, dtype=torch.long)
+    n = z.new_zeros(C, dtype=torch.long)
+    div = z.new_zeros(C, dtype=torch.bool)
+    sum_acc = z.new_zeros(C)
     for j in range(max_tree_depth):
-        forward = torch.rand(C, generator=gen) < 0.5
+        forward = torch.rand(C, generator=gen, dtype=z.dtype, device=z.device) < 0.5
         v = forward.to(z.dtype) * 2 - 1
         start = _where(forward, right, left, _END)
         far_old = torch.where(forward[:, None], left["ps"], right["ps"])
         sub = _build_subtree(leaf, compiled, start, v * eps, j, H0, active, inv_mass, gen, max_tree_depth)
         ok = active & ~sub["stop"]
         # Biased progressive sampling (Betancourt 2017): favour the new subtree.
-        accept = ok & (torch.rand(C, generator=gen, dtype=z.dtype) < torch.exp(sub["log_w"] - log_w))
+        accept = ok & (torch.rand(C, generator=gen, dtype=z.dtype, device=z.device) < torch.exp(sub["log_w"] - log_w))
         sample = _where(accept, sub, sample, _PROP)
         log_w = torch.where(ok, torch.logaddexp(log_w, sub["log_w"]), log_w)
         rho_new = rho + sub["rho"]
@@ -318,7 +318,7 @@ def nuts_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, max_tree_depth: int = 10
 # ---------------------------------------------------------------------------- HMC
 def hmc_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, num_steps: int = 20):
     """One static HMC transition (``num_steps`` leapfrog steps, Metropolis correction) per chain."""
-    r0 = torch.randn(z.shape, generator=gen, dtype=z.dtype) / inv_mass.sqrt()
+    r0 = torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device) / inv_mass.sqrt()
     H0 = -lp + kinetic(r0, inv_mass)
     zn, r, gn, lpn = z, r0, g, lp
     for _ in range(num_steps):
@@ -326,11 +326,11 @@ def hmc_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, num_steps: int = 20):
     dH = -lpn + kinetic(r, inv_mass) - H0
     dH = torch.where(torch.isnan(dH), torch.full_like(dH, math.inf), dH)
     acc = torch.exp(torch.clamp(-dH, max=0.0))
-    accept = torch.rand(acc.shape, generator=gen, dtype=z.dtype) < acc
+    accept = torch.rand(acc.shape, generator=gen, dtype=z.dtype, device=z.device) < acc
     z = torch.where(accept[:, None], zn, z)
     lp = torch.where(accept, lpn, lp)
     g = torch.where(accept[:, None], gn, g)
-    steps = torch.full((z.shape[0],), num_steps, dtype=torch.long)
+    steps = z.new_full((z.shape[0],), num_steps, dtype=torch.long)
     stats = {"diverging": dH > MAX_ENERGY_ERROR, "acceptance_rate": acc, "n_steps": steps, "energy": H0}
     return z, lp, g, stats
 
@@ -417,11 +417,11 @@ def find_step_size(z, lp, g, inv_mass, fn: GradFn, gen, eps0: float | torch.Tens
     """Hoffman & Gelman's heuristic per chain: double or halve until a single leapfrog
     step's acceptance probability crosses 0.8 (as Stan's ``init_stepsize``)."""
     C = z.shape[0]
-    eps = torch.as_tensor(eps0, dtype=z.dtype).expand(C).clone()
+    eps = torch.as_tensor(eps0, dtype=z.dtype, device=z.device).expand(C).clone()
     direction = None
-    active = torch.ones(C, dtype=torch.bool)
+    active = z.new_ones(C, dtype=torch.bool)
     for _ in range(60):
-        r = torch.randn(z.shape, generator=gen, dtype=z.dtype) / inv_mass.sqrt()
+        r = torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device) / inv_mass.sqrt()
         H0 = -lp + kinetic(r, inv_mass)
         _, r1, _, lp1 = leapfrog(z, r, g, eps, inv_mass, fn)
         dH = -lp1 + kinetic(r1, inv_mass) - H0
@@ -467,7 +467,7 @@ def init(fn: GradFn, z0: torch.Tensor, gen: torch.Generator, step_size: float | 
     if step_size is None:
         eps = find_step_size(z, lp, g, inv_mass, fn, gen)
     else:
-        eps = torch.full((z.shape[0],), float(step_size), dtype=z.dtype)
+        eps = z.new_full((z.shape[0],), float(step_size))
     return HMCState(z, lp, g, eps, inv_mass)
 
 
@@ -487,7 +487,7 @@ def step(
     if kernel == "nuts":
         z, lp, g, info = nuts_step(z, lp, g, eps, inv_mass, fn, gen, max_tree_depth)
     else:
-        jittered = eps * (1 + 0.2 * (2 * torch.rand(z.shape[0], generator=gen, dtype=z.dtype) - 1))
+        jittered = eps * (1 + 0.2 * (2 * torch.rand(z.shape[0], generator=gen, dtype=z.dtype, device=z.device) - 1))
         z, lp, g, info = hmc_step(z, lp, g, jittered, inv_mass, fn, gen, num_leapfrog_steps)
     return HMCState(z, lp, g, eps, inv_mass), {**info, "step_size": eps, "lp": lp}
 

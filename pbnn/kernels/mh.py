@@ -46,17 +46,17 @@ def init(log_density: Callable, z0: torch.Tensor, proposal_scale: float = 0.1) -
             "check the model, its prior and the data (standardise x and y)"
         )
     C = z.shape[0]
-    return MHState(z, lp, torch.full((C,), math.log(proposal_scale), dtype=z.dtype), torch.ones_like(z))
+    return MHState(z, lp, z.new_full((C,), math.log(proposal_scale)), torch.ones_like(z))
 
 
 def step(state: MHState, log_density: Callable, gen: torch.Generator) -> tuple[MHState, dict[str, torch.Tensor]]:
     """One Metropolis step per chain; ``acceptance_rate`` is the acceptance probability."""
     z, lp, log_s, scale_diag = state
     C, D = z.shape
-    prop = z + log_s.exp()[:, None] * scale_diag * torch.randn(C, D, generator=gen, dtype=z.dtype)
+    prop = z + log_s.exp()[:, None] * scale_diag * torch.randn(C, D, generator=gen, dtype=z.dtype, device=z.device)
     lp_prop = torch.nan_to_num(log_density(prop), nan=-math.inf)
     acc = torch.exp(torch.clamp(lp_prop - lp, max=0.0))
-    accept = torch.rand(C, generator=gen, dtype=z.dtype) < acc
+    accept = torch.rand(C, generator=gen, dtype=z.dtype, device=z.device) < acc
     z = torch.where(accept[:, None], prop, z)
     lp = torch.where(accept, lp_prop, lp)
     return MHState(z, lp, log_s, scale_diag), {"acceptance_rate": acc, "lp": lp}

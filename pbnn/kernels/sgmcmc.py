@@ -262,7 +262,7 @@ def transition(
         lr = schedule.lr(k)
         noisy = not schedule.exploring(k)
         grad = grad_fn(z)
-        noise = torch.randn(z.shape, generator=gen, dtype=z.dtype) if noisy else None
+        noise = torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device) if noisy else None
         with torch.no_grad():
             z, aux = rule.update(z, aux, grad, lr, noise)
         if not torch.isfinite(z).all():
@@ -272,7 +272,7 @@ def transition(
             )
         if noisy and schedule.collect(k):
             break
-    info = {"step_size": torch.tensor([lr])}
+    info = {"step_size": torch.tensor([lr], dtype=z.dtype)}
     if schedule.cycle is not None:
         info["cycle"] = torch.tensor([schedule.cycle(k)])
     return SGState(z, aux, k, lr), info

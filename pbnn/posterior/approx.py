@@ -34,6 +34,7 @@ from torch.distributions import (
 from torch.distributions.transforms import identity_transform
 
 from pbnn.core.potential import SiteLayout
+from pbnn.engine.distributed import rng_devices
 from pbnn.posterior.serialization import decode_transform, encode_transform, register
 
 __all__ = ["Approximation", "FlatApproximation", "KroneckerApproximation", "LazyDraws", "SWAGNormal", "SwagMoments"]
@@ -65,7 +66,7 @@ class Approximation:
     def sample(self, num_samples: int, seed: int | None = None) -> dict[str, torch.Tensor]:
         """``num_samples`` draws, each site ``[num_samples, *shape]``; reproducible with ``seed``
         (the caller's RNG state is restored either way)."""
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=rng_devices()):
             if seed is not None:
                 torch.manual_seed(seed)
             z = self.sample_z(num_samples)
@@ -215,7 +216,10 @@ class KroneckerApproximation(Approximation):
         return self
 
     def set_prior_precision(self, prior_precision: dict) -> None:
-        self.prior_precision = {p: torch.as_tensor(prior_precision[p], dtype=torch.double) for p, _, _ in self.layers}
+        device = next(iter(self.mean_values.values())).device
+        self.prior_precision = {
+            p: torch.as_tensor(prior_precision[p], dtype=torch.double, device=device) for p, _, _ in self.layers
+        }
 
     def _matrix(self, values: dict, w: str, b: str | None) -> torch.Tensor:
         W = values[w]  # [..., out, in] (Linear) or [..., out, in, kh, kw] (Conv2d): flatten to [..., out, K]
@@ -235,7 +239,7 @@ class KroneckerApproximation(Approximation):
         for p, w, b in self.layers:
             _, qg, _, qa = self.eig[p]
             lam = self._eigenvalues(p)
-            eps = torch.randn((num_samples,) + tuple(lam.shape), dtype=torch.double) / lam.sqrt()
+            eps = torch.randn((num_samples,) + tuple(lam.shape), dtype=torch.double, device=lam.device) / lam.sqrt()
             draw = self._matrix(self.mean_values, w, b) + (qg @ eps @ qa.T).to(self.mean_values[w].dtype)
             shape = self.mean_values[w].shape
             out[w] = draw[..., : shape[1:].numel()].reshape((num_samples,) + shape)
@@ -289,6 +293,7 @@ class SwagMoments:
     def update(self, theta: torch.Tensor) -> None:
         """Add one iterate ``theta`` ``[M, D]``."""
         self.n += 1
+        self.mean, self.sq_mean = self.mean.to(theta), self.sq_mean.to(theta)  # the iterates' dtype and device
         self.mean = self.mean + (theta - self.mean) / self.n
         self.sq_mean = self.sq_mean + (theta * theta - self.sq_mean) / self.n
         if self.rank > 0:
@@ -367,10 +372,11 @@ class SWAGNormal(Distribution):
         """``num_per_run`` draws from every run: ``[M, S, D]``."""
         m, dim = self.loc_runs.shape
         k = self.dev.shape[-1]
-        z1 = torch.randn(m, num_per_run, dim, generator=generator)
+        like = {"dtype": self.loc_runs.dtype, "device": self.loc_runs.device}
+        z1 = torch.randn(m, num_per_run, dim, generator=generator, **like)
         out = self.loc_runs[:, None] + math.sqrt(self.scale) * self.diag.sqrt()[:, None] * z1
         if k > 0:
-            z2 = torch.randn(m, num_per_run, k, generator=generator)
+            z2 = torch.randn(m, num_per_run, k, generator=generator, **like)
             out = out + math.sqrt(self.scale) * torch.einsum("mdk,msk->msd", self.dev, z2) / math.sqrt(max(k - 1, 1))
         return out
 

@@ -20,17 +20,17 @@ __all__ = ["rhat", "ess_bulk", "convergence_warning"]
 
 
 def _dataset(draws: torch.Tensor):
-    return az.convert_to_dataset(draws.detach().double().reshape(draws.shape[0], draws.shape[1], -1).numpy())
+    return az.convert_to_dataset(draws.detach().double().reshape(draws.shape[0], draws.shape[1], -1).cpu().numpy())
 
 
 def rhat(draws: torch.Tensor) -> torch.Tensor:
     """Rank-normalised split R-hat per coordinate of draws ``[C, S, ...]`` (``az.rhat``), flattened."""
-    return torch.as_tensor(az.rhat(_dataset(draws))["x"].values).to(draws.dtype)
+    return torch.as_tensor(az.rhat(_dataset(draws))["x"].values).to(draws.device, draws.dtype)
 
 
 def ess_bulk(draws: torch.Tensor) -> torch.Tensor:
     """Bulk effective sample size per coordinate of draws ``[C, S, ...]`` (``az.ess``), flattened."""
-    return torch.as_tensor(az.ess(_dataset(draws), method="bulk")["x"].values).to(draws.dtype)
+    return torch.as_tensor(az.ess(_dataset(draws), method="bulk")["x"].values).to(draws.device, draws.dtype)
 
 
 def convergence_warning(

@@ -24,6 +24,7 @@ import torch
 
 from pbnn.core.data import Data, check_inputs
 from pbnn.core.model import BNN
+from pbnn.engine.distributed import rng_devices
 from pbnn.engine.optim import atomic_save
 from pbnn.posterior import arviz_io, serialization
 from pbnn.posterior.approx import Approximation, LazyDraws
@@ -410,7 +411,7 @@ def _check_model(model, signature: dict, state: dict, approximation=None) -> Non
     if state.get("draws") is not None:  # draws made on demand: the approximation's sites
         latent = {n: tuple(shape) for n, shape, _ in approximation.layout.sites}
     try:
-        with torch.random.fork_rng(devices=[]), pyro.get_param_store().scope(), torch.no_grad():
+        with torch.random.fork_rng(devices=rng_devices()), pyro.get_param_store().scope(), torch.no_grad():
             trace = poutine.trace(model).get_trace(state["x"], state["y"])
     except Exception as e:
         raise ValueError(f"model= does not run on the file's data ({type(e).__name__}: {e}); {fix}") from None

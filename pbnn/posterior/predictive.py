@@ -215,8 +215,8 @@ class Prediction:
                     f"class labels must lie in [0, {num}) for {num} classes; found labels in "
                     f"[{int(y.min())}, {int(y.max())}]"
                 )
-            return y.long() if isinstance(d, dist.Categorical) else y.to(d.logits.dtype)
-        y = y.to(self.samples.dtype)
+            return (y.long() if isinstance(d, dist.Categorical) else y.to(d.logits.dtype)).to(d.logits.device)
+        y = y.to(self.samples.device, self.samples.dtype)
         if tuple(y.shape) != expected and tuple(y.shape) == expected + (1,) and not self.conditional.event_shape:
             y = y[..., 0]  # [N, 1] for a single output: the canonical [N]
         if tuple(y.shape) != expected:
@@ -235,7 +235,7 @@ class Prediction:
     def cdf(self, y: torch.Tensor) -> torch.Tensor:
         """Predictive (mixture) CDF at ``y`` for regression, ``[N]`` / ``[N, D]``."""
         d, _ = _base(self.conditional)
-        return d.cdf(torch.as_tensor(y, dtype=self.samples.dtype)).mean(0)
+        return d.cdf(torch.as_tensor(y, dtype=self.samples.dtype, device=self.samples.device)).mean(0)
 
     def quantile(self, q: float) -> torch.Tensor:
         """Quantile ``q`` of the predictive mixture (:func:`mixture_quantile`), regression only."""

@@ -243,4 +243,4 @@ def pickled(obj) -> bytes:
 
 def unpickle(data: torch.Tensor, map_location=None):
     """Unpickle a byte field: runs code from the file, so only for files the caller trusts."""
-    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=False, map_location=map_location)
+    return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), weights_only=False, map_location=map_location)
