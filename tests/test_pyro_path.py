@@ -1,11 +1,17 @@
 """Hand-written Pyro models go through the same fit / Posterior / predictive path."""
 
+import ast
+import re
+import warnings
+from pathlib import Path
+
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 
 import pbnn
+from pbnn.infer.base import BACKENDS
 
 
 def hierarchical_model(x, y=None, subsample=None):
@@ -50,3 +56,74 @@ def test_minibatch_needs_subsample_argument(data):
         pbnn.fit(full_batch_model, x, y, method="svi", batch_size=10, num_steps=5, progress=False)
     post = pbnn.fit(full_batch_model, x, y, method="map", num_steps=500, lr=0.05, seed=0, progress=False)
     assert post.samples["w"].shape == (1, 1, 2)
+
+
+# ---------------------------------------------------------------- the support table (docs/model.md)
+def heavy_tailed_net(x, y=None, subsample=None):
+    """A 1-3-1 network with non-Gaussian priors: HalfCauchy noise, StudentT and Laplace weights."""
+    sigma = pyro.sample("sigma", dist.HalfCauchy(1.0))
+    w1 = pyro.sample("w1", dist.StudentT(3.0, 0.0, 1.0).expand([1, 3]).to_event(2))
+    w2 = pyro.sample("w2", dist.Laplace(0.0, 1.0).expand([3]).to_event(1))
+    with pyro.plate("data", x.shape[0], subsample=subsample) as i:
+        pyro.sample("obs", dist.Normal(torch.tanh(x[i] @ w1) @ w2, sigma), obs=None if y is None else y[i])
+
+
+# A few steps each: the table test checks that a backend runs and predicts, not its accuracy.
+FAST = {
+    "map": {"num_steps": 5},
+    "svi": {"num_steps": 5, "num_samples": 4},
+    "mh": {"num_samples": 4, "warmup": 4, "num_chains": 1, "map_steps": 2},
+    "nuts": {"num_samples": 3, "warmup": 3, "num_chains": 1, "map_steps": 2, "max_tree_depth": 3},
+    "hmc": {"num_samples": 3, "warmup": 3, "num_chains": 1, "map_steps": 2, "num_leapfrog_steps": 3},
+    "laplace": {"map_steps": 5, "num_samples": 4, "refine": False},
+    "ensemble": {"num_members": 2, "num_steps": 3},
+    "swa": {"map_steps": 2, "num_steps": 6, "collect_every": 2},
+    "swag": {"map_steps": 2, "num_steps": 6, "collect_every": 2, "num_samples": 3},
+    "multiswag": {"num_members": 2, "map_steps": 2, "num_steps": 6, "collect_every": 2, "num_samples": 2},
+    "fge": {"map_steps": 2, "num_cycles": 2, "cycle_length": 2},
+    "mc-dropout": {"num_steps": 3},
+    "dropconnect": {"num_steps": 3},
+}
+SGMCMC = {"num_samples": 3, "warmup": 3, "num_chains": 1, "map_steps": 2}
+
+
+def _support_table() -> list[tuple[str, dict, str, str]]:
+    """Rows ``(method, options, bnn, pyro)`` of the support table in docs/model.md."""
+    text = (Path(__file__).parent.parent / "docs" / "model.md").read_text()
+    rows = []
+    for line in text.split("### Which backend serves which model")[1].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or not cells[0].startswith("`"):
+            continue
+        options = {k: ast.literal_eval(v) for k, v in re.findall(r"(\w+)=([^`]+)", cells[1])}
+        rows.append((cells[0].strip("`"), options, cells[2], cells[3]))
+    return rows
+
+
+def test_support_table_lists_every_backend():
+    rows = _support_table()
+    assert {m for m, _, _, _ in rows} == set(BACKENDS)
+    assert all(bnn == "yes" and pyro in ("yes", "no") for _, _, bnn, pyro in rows)
+    for name, cls in BACKENDS.items():  # a backend that refuses every hand-written model says so in model_kinds
+        serves = any(p == "yes" for m, opts, _, p in rows if m == name and not opts)
+        assert serves == ("pyro" in cls.model_kinds), name
+
+
+@pytest.mark.parametrize("method, options, pyro_support", [(m, o, p) for m, o, _, p in _support_table()])
+def test_support_table_holds(method, options, pyro_support):
+    g = torch.Generator().manual_seed(0)
+    x = torch.linspace(-2, 2, 20)[:, None]
+    y = torch.sin(x[:, 0]) + 0.1 * torch.randn(20, generator=g)
+    opts = {**FAST.get(method, SGMCMC), **options, "seed": 0, "progress": False}
+    if pyro_support == "no":
+        with pytest.raises(ValueError, match="pbnn.BNN"):
+            pbnn.fit(heavy_tailed_net, x, y, method=method, **opts)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a few steps: convergence warnings are expected
+        post = pbnn.fit(heavy_tailed_net, x, y, method=method, **opts)
+    assert {"sigma", "w1", "w2"} <= set(post.samples)
+    assert post.samples["w1"].shape[2:] == (1, 3)
+    assert bool((post.samples["sigma"] > 0).all())
+    pred = post.predict(x[:4])
+    assert pred.mean.shape == (4,) and torch.isfinite(pred.mean).all()
