@@ -1,7 +1,10 @@
 """Hand-written Pyro models go through the same fit / Posterior / predictive path."""
 
 import ast
+import importlib.util
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -127,3 +130,100 @@ def test_support_table_holds(method, options, pyro_support):
     assert bool((post.samples["sigma"] > 0).all())
     pred = post.predict(x[:4])
     assert pred.mean.shape == (4,) and torch.isfinite(pred.mean).all()
+
+
+# ---------------------------------------------------------------- import pbnn (issue 29 item 5)
+def test_import_pbnn_makes_every_documented_module_available():
+    """Every ``pbnn.<module>`` (and ``pbnn.<package>.<module>``) the README, docs and tutorials
+    write resolves by attribute access after a bare ``import pbnn``, in a fresh process."""
+    root = Path(__file__).parent.parent
+    files = [root / "README.md", *(root / "docs").glob("*.md"), *(root / "tutorials").glob("*.py")]
+    dotted = set()
+    for f in files:
+        dotted |= set(re.findall(r"\bpbnn(?:\.[a-z_][a-z0-9_]*)+", f.read_text()))
+    modules = set()
+    for name in dotted:
+        parts = name.split(".")
+        for i in range(2, len(parts) + 1):
+            try:
+                if importlib.util.find_spec(".".join(parts[:i])) is None:
+                    break
+            except ModuleNotFoundError:  # the parent is a module, not a package
+                break
+            modules.add(".".join(parts[:i]))
+    assert {"pbnn.bench", "pbnn.metrics", "pbnn.priors", "pbnn.infer", "pbnn.engine.optim"} <= modules
+    code = (
+        "import functools, sys, pbnn\n"
+        f"missing = [m for m in {sorted(modules)!r} if not hasattr(functools.reduce("
+        "lambda o, a: getattr(o, a, None), m.split('.')[1:-1], pbnn), m.split('.')[-1])]\n"
+        "print(missing)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- Pyro's own results (issue 29 item 3)
+def _mcmc(kernel, x, y, num_samples=30, warmup=30):
+    mcmc = pyro.infer.MCMC(kernel, num_samples=num_samples, warmup_steps=warmup, disable_progbar=True)
+    mcmc.run(x, y)
+    return mcmc
+
+
+def test_from_pyro_wraps_an_mcmc_run(data):
+    x, y = data
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        mcmc = _mcmc(pyro.infer.NUTS(full_batch_model), x, y)
+    post = pbnn.Posterior.from_pyro(mcmc)
+    assert post.method == "pyro:NUTS" and post.samples["w"].shape == (1, 30, 2)
+    assert torch.equal(post.samples["w"][0], mcmc.get_samples()["w"])
+    assert post.sample_stats["diverging"].shape == (1, 30)
+    pred = post.predict(x[:5])
+    ref = (x[:5] @ mcmc.get_samples()["w"].T).mean(1)  # the model's mean, averaged over the draws
+    assert torch.allclose(pred.mean, ref, atol=1e-5)
+    idata = post.to_arviz()
+    assert idata.log_likelihood["obs"].shape == (1, 30, 60)
+    assert 0.0 <= pbnn.metrics.coverage(post.predict(x), y) <= 1.0
+
+
+def test_az_from_pyro_reads_pbnn_sgmcmc_kernels(data):
+    import arviz as az
+
+    from pbnn.infer.sgmcmc import SGLDKernel
+
+    x, y = data
+    mcmc = _mcmc(SGLDKernel(hierarchical_model, lr=1e-3, seed=0), x, y, num_samples=20, warmup=20)
+    assert mcmc.diagnostics()["divergences"] == {"chain 0": []}
+    idata = az.from_pyro(mcmc, log_likelihood=False)  # KeyError 'divergences' before
+    assert idata.posterior["w"].shape == (1, 20, 2)
+    assert not idata.sample_stats["diverging"].values.any()
+    post = pbnn.Posterior.from_pyro(mcmc)
+    assert post.method == "pyro:SGLDKernel" and set(post.fixed) == {"offset"}
+    assert post.predict(x[:3]).mean.shape == (3,)
+
+
+def test_from_pyro_wraps_a_fitted_guide(data):
+    from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+
+    x, y = data
+    for guide_type in (AutoNormal, AutoDiagonalNormal):
+        with pyro.get_param_store().scope(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            guide = guide_type(hierarchical_model)
+            svi = pyro.infer.SVI(hierarchical_model, guide, pyro.optim.Adam({"lr": 0.1}), pyro.infer.Trace_ELBO())
+            for _ in range(150):
+                svi.step(x, y)
+            post = pbnn.Posterior.from_pyro(guide, x=x, y=y, num_samples=100)
+            offset = float(pyro.param("offset").detach())
+        assert post.method == f"pyro:{guide_type.__name__}"
+        assert post.samples["w"].shape == (1, 100, 2) and post.samples["tau"].shape == (1, 100)
+        assert post.fixed["offset"].item() == pytest.approx(offset)  # the model's param, not the guide's
+        assert torch.allclose(post.samples["w"].mean((0, 1)), torch.tensor([1.0, -2.0]), atol=0.15)
+        assert (post.approximation is not None) == (guide_type is AutoDiagonalNormal)
+        assert post.predict(x[:4], num_samples=20).mean.shape == (4,)
+    assert post.predict(x[:4], num_samples=200).num_draws == 200  # more draws from the guide
+    with pytest.raises(ValueError, match="training data"):
+        pbnn.Posterior.from_pyro(guide)
+    with pytest.raises(TypeError, match="pyro.infer.MCMC"):
+        pbnn.Posterior.from_pyro(object())

@@ -161,6 +161,14 @@ class Posterior:
 
         return to_inference_data(self)
 
+    @classmethod
+    def from_pyro(cls, source, model=None, x=None, y=None, *, num_samples: int = 1000, seed: int | None = 0):
+        """A Posterior of a finished ``pyro.infer.MCMC`` run or a fitted Pyro autoguide
+        (:func:`pbnn.posterior.pyro_io.from_pyro`)."""
+        from pbnn.posterior.pyro_io import from_pyro
+
+        return from_pyro(source, model, x, y, num_samples=num_samples, seed=seed)
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
         """Save the posterior to ``path`` (format: :mod:`pbnn.posterior.serialization`).
