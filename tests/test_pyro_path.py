@@ -1,7 +1,9 @@
 """Hand-written Pyro models go through the same fit / Posterior / predictive path."""
 
 import ast
+import importlib
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -227,3 +229,47 @@ def test_from_pyro_wraps_a_fitted_guide(data):
         pbnn.Posterior.from_pyro(guide)
     with pytest.raises(TypeError, match="pyro.infer.MCMC"):
         pbnn.Posterior.from_pyro(object())
+
+
+# ---------------------------------------------------------------- save / load across processes (issue 29 item 4)
+MODEL_MODULE = """
+import pyro, pyro.distributions as dist, torch
+
+def model(x, y=None, subsample=None):
+    s = pyro.sample("s", dist.HalfNormal(1.0))
+    w = pyro.sample("w", dist.StudentT(3.0, 0.0, 1.0).expand([2]).to_event(1))
+    b = pyro.param("b", torch.tensor(0.0))
+    with pyro.plate("data", x.shape[0], subsample=subsample) as i:
+        pyro.sample("obs", dist.Normal(x[i] @ w + b, s), obs=None if y is None else y[i])
+"""
+LOAD = """
+import torch, pbnn
+from hand_model import model
+for method in ("laplace", "ensemble"):
+    post = pbnn.Posterior.load(f"{method}.pt", model=model)
+    assert post.method == method, post.method
+    assert torch.equal(post.predict(post.data.x[:3]).mean, torch.load(f"{method}.mean.pt")), method
+print("ok")
+"""
+
+
+def test_hand_written_posterior_saves_and_loads_across_processes(tmp_path, monkeypatch):
+    """Saved here from the model of a module file, loaded in a fresh process that imports it."""
+    (tmp_path / "hand_model.py").write_text(MODEL_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    model = importlib.import_module("hand_model").model
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 2, generator=g)
+    y = x @ torch.tensor([1.0, -1.0]) + 0.5 + 0.2 * torch.randn(30, generator=g)
+    options = {"laplace": {"map_steps": 30, "num_samples": 8}, "ensemble": {"num_members": 2, "num_steps": 10}}
+    for method, opts in options.items():
+        post = pbnn.fit(model, x, y, method=method, progress=False, seed=0, **opts)
+        post.save(tmp_path / f"{method}.pt")
+        torch.save(post.predict(x[:3]).mean, tmp_path / f"{method}.mean.pt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(pbnn.__file__).parent.parent)])}
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"

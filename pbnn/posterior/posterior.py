@@ -340,7 +340,8 @@ def _check_model(model, signature: dict, state: dict) -> None:
     sites = {
         n: tuple(site["value"].shape)
         for n, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
+        # pyro.param sites too: an ensemble stores one value per member among its draws
+        if site["type"] == "param" or site["type"] == "sample" and not site["is_observed"]
     }
     differs = [f"{n}: file {s}, model= {sites.get(n, 'absent')}" for n, s in latent.items() if sites.get(n) != s]
     if differs:
