@@ -183,6 +183,7 @@ class Laplace(Backend, RunOptions):
                 "(whose Laplace has GGN, diagonal and KFAC curvature)"
             )
         batch = resolve_batch_size(self.batch_size, len(potential))
+        potential.require(self.name, minibatch=batch is not None)
         z, fixed, losses = fit_map(
             potential,
             num_steps=self.map_steps,
