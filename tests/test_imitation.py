@@ -343,7 +343,7 @@ def test_bad_models_raise(make_net):
         pass
 
     with pytest.raises(ValueError, match="needs a pbnn.BNN"):
-        pbnn.fit(pyro_model, x, y, method="swag", progress=False)
+        pbnn.fit(pyro_model, x, y, method="mc-dropout", progress=False)
 
 
 def test_ensemble_is_more_uncertain_in_the_gap_than_on_the_training_inputs():

@@ -4,8 +4,12 @@ against independent references, marglik tuning, indefinite-Hessian handling, GLM
 import math
 import warnings
 
+import pyro
+import pyro.distributions as pdist
 import pytest
 import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoLaplaceApproximation
 
 import pbnn
 from pbnn.infer.curvature import ggn_diag, ggn_full, kfac_factors, output_jacobian
@@ -509,3 +513,114 @@ def test_approximations_agree_with_the_dense_gaussian_they_stand_for():
     assert torch.allclose(s.covariance_matrix, (runs[0].covariance_matrix + runs[1].covariance_matrix) / 2 + between)
     flat = FlatApproximation(s, q.layout)
     assert torch.allclose(flat.functional_covariance(J), J.double() @ s.covariance_matrix.double() @ J.double().mT)
+
+
+# ================================================================ hand-written Pyro models and
+# hierarchical priors (issue 29 items 1-2)
+def _scale_regression(x, y=None, subsample=None):
+    w = pyro.sample("w", pdist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    s = pyro.sample("s", pdist.LogNormal(-1.0, 0.5))  # a constrained site: Laplace works on log s
+    with pyro.plate("data", x.shape[0], subsample=subsample) as i:
+        pyro.sample("obs", pdist.Normal(x[i] @ w, s), obs=None if y is None else y[i])
+
+
+def test_hand_written_model_agrees_with_pyro_auto_laplace():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g)
+    y = x @ torch.tensor([1.0, -0.5]) + 0.3 * torch.randn(40, generator=g)
+    post = pbnn.fit(_scale_regression, x, y, method="laplace", map_steps=100, lr=0.05, progress=False, seed=0)
+    q = post.approximation.q
+    # Pyro's own: the AutoLaplaceApproximation mode (its ELBO, minimised by L-BFGS), then its Hessian
+    with pyro.get_param_store().scope(), torch.random.fork_rng():
+        pyro.set_rng_seed(0)
+        guide = AutoLaplaceApproximation(_scale_regression)
+        guide(x, y)
+        opt = torch.optim.LBFGS(list(guide.parameters()), line_search_fn="strong_wolfe", max_iter=200)
+
+        def closure():
+            opt.zero_grad()
+            loss = Trace_ELBO().differentiable_loss(_scale_regression, guide, x, y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        ref = guide.laplace_approximation(x, y).get_posterior()
+        ref_loc, ref_cov = ref.loc.detach(), ref.covariance_matrix.detach()
+    assert post.info["hessian"] == "full" and "indefinite" not in post.info
+    assert torch.allclose(q.mean, ref_loc, atol=1e-3)
+    assert torch.allclose(q.covariance_matrix, ref_cov, rtol=1e-3, atol=1e-6)
+    # the draws are of the constrained sites: s = exp(z_s) > 0, around the data's noise 0.3
+    assert post.samples["s"].shape == (1, 1000) and bool((post.samples["s"] > 0).all())
+    assert float(post.samples["s"].median()) == pytest.approx(0.3, abs=0.08)
+    # the Laplace evidence on z: log p(y, z*) + D/2 log 2 pi - 1/2 log det H
+    pot = pbnn.potential.Potential(_scale_regression, pbnn.data.validate(_scale_regression, x, y))
+    z = q.mean.detach()
+    lml = (
+        float(pot.log_joint(z)) + 1.5 * math.log(2 * math.pi) + 0.5 * float(torch.logdet(q.covariance_matrix.double()))
+    )
+    assert post.log_marginal_likelihood() == pytest.approx(lml, abs=1e-3)
+    assert post.predict(x[:3]).mean.shape == (3,)
+
+
+def _tanh_model(x, y=None, subsample=None):
+    w1 = pyro.sample("w1", pdist.StudentT(3.0, 0.0, 2.0).expand([1, 6]).to_event(2))
+    w2 = pyro.sample("w2", pdist.Laplace(0.0, 1.0).expand([6]).to_event(1))
+    with pyro.plate("data", x.shape[0], subsample=subsample) as i:
+        pyro.sample("obs", pdist.Normal(torch.tanh(x[i] @ w1) @ w2, 0.1), obs=None if y is None else y[i])
+
+
+def test_hand_written_model_indefinite_hessian_fallback():
+    x = torch.linspace(-2, 2, 30)[:, None]
+    y = torch.sin(3 * x[:, 0])
+    opts = {"map_steps": 1, "refine": False, "num_samples": 10, "progress": False, "seed": 0}
+    with pytest.warns(UserWarning, match="not positive definite") as rec:
+        post = pbnn.fit(_tanh_model, x, y, method="laplace", **opts)
+    assert post.info["hessian"] == "full (|eigenvalues|)"
+    # an independent Hessian at the stored mode: same count of eigenvalues <= 0, and the
+    # covariance is V diag(1 / |lambda|) V^T
+    pot = pbnn.potential.Potential(_tanh_model, pbnn.data.validate(_tanh_model, x, y))
+    z = post.approximation.q.mean.detach()
+    H = torch.autograd.functional.hessian(lambda zz: -pot.log_joint(zz), z).double()
+    lam, V = torch.linalg.eigh((H + H.T) / 2)
+    n_bad = int((lam <= 0).sum())
+    assert n_bad > 0 and f"{n_bad} of 12 eigenvalues" in str(rec[0].message)
+    cov = (V / lam.abs()) @ V.T
+    assert torch.allclose(post.approximation.q.covariance_matrix.double(), cov, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="not positive definite.*on_indefinite='ggn'"):
+        pbnn.fit(_tanh_model, x, y, method="laplace", on_indefinite="raise", **opts)
+
+
+def test_hand_written_model_refuses_network_curvature():
+    x, y = torch.randn(10, 1), torch.randn(10)
+    for opts in ({"hessian": "kfac"}, {"hessian": "diag"}, {"subset": "last_layer"}, {"prior_precision": 1.0}):
+        with pytest.raises(ValueError, match="pbnn.BNN"):
+            pbnn.fit(_tanh_model, x, y, method="laplace", progress=False, **opts)
+
+
+def test_hierarchical_prior_keeps_the_network_and_fits_its_scales_by_the_evidence(make_net):
+    """The joint MAP of a hierarchical prior does not exist: before, the fit collapsed every weight
+    (prior scales ~2e-7, sigma = the data's sd) or overflowed to NaN in the L-BFGS polish."""
+    torch.manual_seed(0)
+    x = torch.linspace(-2, 2, 40)[:, None]
+    y = torch.sin(2 * x[:, 0]) + 0.1 * torch.randn(40)
+    prior = pbnn.priors.HierarchicalNormal(1.0)
+    model = pbnn.BNN(make_net(), prior=prior, likelihood=pbnn.likelihoods.Gaussian(scale="learned"))
+    post = pbnn.fit(model, x, y, method="laplace", map_steps=150, progress=False, seed=0)
+    assert float(post.fixed["sigma"]) < 0.2  # the network fits the data (sd of y: 0.7)
+    scale = post.info["prior_precision"]["all"] ** -0.5  # the scales marglik chose
+    hyper = {k: float(v) for k, v in post.fixed.items() if k.endswith(".prior_scale")}
+    assert len(hyper) == 4 and all(v == pytest.approx(scale, rel=1e-5) for v in hyper.values())
+    pred = post.predict(x)
+    assert torch.isfinite(pred.variance).all() and float(((pred.mean - y) ** 2).mean()) < 0.05
+
+
+def test_lbfgs_polish_restores_the_start_when_the_line_search_fails():
+    from pbnn.infer.laplace import _lbfgs_polish
+
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+
+    def loss():  # a distribution that rejects the NaN / inf a diverging line search reaches
+        return -pdist.HalfNormal(1.0).log_prob(w.exp() * 1e30).sum() - 1e3 * w.sum()
+
+    _lbfgs_polish([w], loss)
+    assert w.tolist() == [1.0, 2.0]

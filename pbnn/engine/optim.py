@@ -663,7 +663,8 @@ def map_log_joint(
     """``log p(theta(z)) + (N / B) sum_i w_i log p(y_i | x_i, theta(z))`` of a BNN, no Jacobian.
 
     With no options this equals ``potential.log_joint(z, idx, fixed, jacobian=False)`` up to
-    float rounding (the prior is summed per tensor here).
+    float rounding (the prior is summed per tensor here); for a hand-written Pyro model it is
+    exactly that (the options need a BNN).
 
     Args:
         weights: per-datum likelihood weights ``[N]`` (bootstrap counts), or None.
@@ -744,7 +745,8 @@ def fit_points(
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[float]]:
-    """Maximise the log joint of ``M`` independent points ``z0`` ``[M, D]`` of a BNN.
+    """Maximise the log joint of ``M`` independent points ``z0`` ``[M, D]`` of a model (a BNN or a
+    hand-written Pyro model).
 
     Args:
         potential: the BNN's potential (fixes the packing of ``z``).

@@ -60,6 +60,7 @@ class DeepEnsemble(Backend, RunOptions, OptimOptions):
 
     def run(self, potential: Potential) -> Posterior:
         n, num = len(potential), self.num_members
+        potential.require(self.name, minibatch=self.resolved_batch_size(n) is not None)
         base = int(torch.randint(0, 2**31 - 1, ()).item())
         z0, fixed0 = initial_points(potential, [base + m for m in range(num)])
         weights = None

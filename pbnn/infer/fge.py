@@ -94,6 +94,9 @@ class FGE(Backend, RunOptions):
     def run(self, potential: Potential) -> Posterior:
         n = len(potential)
         sgd_batch = sgd_batch_size(self.batch_size, n)
+        potential.require(
+            self.name, minibatch=sgd_batch is not None or resolve_batch_size(self.batch_size, n) is not None
+        )
         per_epoch = 1 if sgd_batch is None else math.ceil(n / sgd_batch)
         cycle = self.cycle_length or 2 * max(1, (4 * per_epoch) // 2)
         z, fixed, losses = potential.initial_z()[None], {k: v[None] for k, v in potential.fixed.items()}, []

@@ -149,10 +149,15 @@ class Laplace(Backend, RunOptions):
         }
         if note:
             info["indefinite"] = note
+        rest = {k: v.detach() for k, v in values.items() if k not in names}
+        for n, start in zip(layout.names, itertools.accumulate([0, *layout.sizes])):
+            h = n + getattr(model.prior, "suffix", "")
+            if h in model.hyper_names:  # a hierarchical prior's scale: the one its precision implies
+                rest[h] = prec[start].rsqrt().to(rest[h])
         return self.posterior(
             potential,
             draws,
-            fixed={**fixed_det, **{k: v.detach() for k, v in values.items() if k not in names}},
+            fixed={**fixed_det, **rest},
             approximation=approx,
             predictor=LaplacePredictor(self.predictive, names, {n: values[n].detach() for n in names}),
             info=info,
@@ -188,6 +193,7 @@ class Laplace(Backend, RunOptions):
                 "(whose Laplace has GGN, diagonal and KFAC curvature)"
             )
         batch = resolve_batch_size(self.batch_size, len(potential))
+        potential.require(self.name, minibatch=batch is not None)
         z, fixed, losses = fit_map(
             potential,
             num_steps=self.map_steps,
@@ -274,17 +280,27 @@ class Laplace(Backend, RunOptions):
     def _fit_map(self, potential: Potential):
         """The MAP (:func:`fit_map`: Adam, no Jacobian, as pbnn's MAP), then an optional L-BFGS polish."""
         batch = resolve_batch_size(self.batch_size, len(potential))
+        # A hierarchical prior's joint MAP does not exist: the density grows without bound as a
+        # prior scale -> 0 with its weights, and Adam / L-BFGS collapse the network or overflow
+        # (issue 29). Its scales stay at their start (the prior median); the prior precision is
+        # then what marglik tunes, i.e. the scales are fitted by the evidence instead.
+        hyper = potential.model.hyper_names
+        held = torch.cat([torch.full((n,), k in hyper) for k, n in zip(potential.names, potential.sizes)])
         z, fixed, losses = fit_map(
             potential,
             num_steps=self.map_steps,
             lr=self.lr,
             batch_size=batch,
+            moving=~held if hyper else None,
             desc="Laplace: MAP",
             progress=self.progress,
         )
         if self.refine and batch is None:
             params = [z.requires_grad_(True), *(v.requires_grad_(True) for v in fixed.values())]
+            hook = z.register_hook(lambda g: g.masked_fill(held, 0.0)) if hyper else None
             _lbfgs_polish(params, lambda: -potential.log_joint(z, None, fixed, jacobian=False))
+            if hook is not None:
+                hook.remove()
         return z.detach(), {k: v.detach() for k, v in fixed.items()}, losses
 
     def _curvature(self, potential: Potential, z: torch.Tensor, fixed: dict, layout: SiteLayout, model_prec):
@@ -441,13 +457,17 @@ def _lbfgs(params: list[torch.Tensor], loss_fn, **options) -> None:
 
 
 def _lbfgs_polish(params: list[torch.Tensor], loss_fn) -> None:
-    """Full-batch L-BFGS from the Adam solution; kept only if it lowers the loss."""
+    """Full-batch L-BFGS from the Adam solution; kept only if it lowers the loss and stays finite."""
     before = [p.detach().clone() for p in params]
     with torch.no_grad():
         start = float(loss_fn())
-    _lbfgs(params, loss_fn, max_iter=100, history_size=20)
+    try:
+        _lbfgs(params, loss_fn, max_iter=100, history_size=20)
+        with torch.no_grad():
+            end = float(loss_fn())
+    except ValueError:  # a line search into NaN / inf parameters (a distribution rejects them)
+        end = math.nan
     with torch.no_grad():
-        end = float(loss_fn())
         if not (math.isfinite(end) and end <= start):
             for p, b in zip(params, before):
                 p.copy_(b)
@@ -461,7 +481,9 @@ def _exact_hessian(potential: Potential, z: torch.Tensor, fixed: dict, layout: S
         z_all = potential.layout.join({**parts, **layout.split(theta)})
         return -potential.log_joint(z_all, None, fixed, jacobian=False)
 
-    return torch.func.hessian(loss)(layout.join(parts)).detach()
+    # reverse-over-reverse: torch.func.hessian's forward-over-reverse fails on a BNN with a learned
+    # noise scale ("expected m1 and m2 to have the same dtype", torch 2.13)
+    return torch.func.jacrev(torch.func.jacrev(loss))(layout.join(parts)).detach()
 
 
 def _approximation(curv, prec: torch.Tensor, theta: torch.Tensor, layout: SiteLayout, values: dict) -> Approximation:

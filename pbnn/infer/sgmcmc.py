@@ -421,7 +421,10 @@ class SGMCMCKernel(MCMCKernel):
         return {"step size": f"{self._state.lr:.2e}", "grad steps": self._state.step}
 
     def diagnostics(self) -> dict:
-        return {"gradient_steps": self._state.step}
+        """Per-chain diagnostics for ``MCMC.diagnostics()``. ``divergences`` (the kept draws that
+        diverged, as Pyro's HMC reports them; none here: SG-MCMC has no accept / reject step)
+        is what ``az.from_pyro(mcmc)`` reads."""
+        return {"divergences": [], "gradient_steps": self._state.step}
 
 
 class SGLDKernel(SGMCMCKernel):

@@ -89,6 +89,7 @@ class SWAG(Backend, RunOptions, OptimOptions):
         """Pre-train and collect ``num_runs`` independent SWAG runs; returns (moments, fixed, info)."""
         n = len(potential)
         sgd_batch = swag_batch_size(self.batch_size, n)
+        potential.require(self.name, minibatch=sgd_batch is not None or self.resolved_batch_size(n) is not None)
         every = self.collect_every or (1 if sgd_batch is None else math.ceil(n / sgd_batch))
         sgd_steps = self.num_steps - self.map_steps
         if sgd_steps < every:

@@ -241,6 +241,14 @@ class Posterior:
         :mod:`pbnn.posterior.arviz_io`."""
         return arviz_io.to_inference_data(self, x_new, y_new, seed=seed)
 
+    @classmethod
+    def from_pyro(cls, source, model=None, x=None, y=None, *, num_samples: int = 1000, seed: int | None = 0):
+        """A Posterior of a finished ``pyro.infer.MCMC`` run or a fitted Pyro autoguide
+        (:func:`pbnn.posterior.pyro_io.from_pyro`)."""
+        from pbnn.posterior.pyro_io import from_pyro
+
+        return from_pyro(source, model, x, y, num_samples=num_samples, seed=seed)
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> None:
         """Save the posterior to ``path`` (format: :mod:`pbnn.posterior.serialization`).
@@ -418,7 +426,8 @@ def _check_model(model, signature: dict, state: dict, approximation=None) -> Non
     sites = {
         n: tuple(site["value"].shape)
         for n, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
+        # pyro.param sites too: an ensemble stores one value per member among its draws
+        if site["type"] == "param" or site["type"] == "sample" and not site["is_observed"]
     }
     differs = [f"{n}: file {s}, model= {sites.get(n, 'absent')}" for n, s in latent.items() if sites.get(n) != s]
     if differs:
