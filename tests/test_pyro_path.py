@@ -55,6 +55,17 @@ def test_svi_on_a_hand_written_model(data):
     assert idata.log_likelihood["obs"].shape == (4, 50, 60)  # 200 independent draws: 4 chains of 50
 
 
+def test_seed_alone_makes_a_hand_written_fit_reproducible(data):
+    """The starting point does not depend on the caller's random state: seed= is enough."""
+    x, y = data
+    runs = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        post = pbnn.fit(hierarchical_model, x, y, method="sgld", num_samples=5, warmup=5, seed=3, progress=False)
+        runs.append(post.samples["w"])
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_minibatch_needs_subsample_argument(data):
     x, y = data
     with pytest.raises(ValueError, match="subsample"):

@@ -309,10 +309,13 @@ class PyroPotential(Potential):
             raise TypeError(f"model must be a pbnn.BNN or a Pyro model function, got {type(model).__name__}")
         self.model, self.data = model, data
         self.supports_minibatch = accepts_subsample(model)
-        # Forked RNG: finding the sites (init_to_median draws from the prior) never moves the
-        # caller's random stream (nor the current CUDA device's, once CUDA is in use).
+        # Forked RNG with a fixed seed: finding the sites (init_to_median draws from the prior)
+        # never moves the caller's random stream (nor the current CUDA device's, once CUDA is in
+        # use), and the starting point is the same whatever that stream's state, so seed= alone
+        # makes a fit reproducible.
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=cuda), pyro.get_param_store().scope():
+            torch.manual_seed(0)
             trace = poutine.trace(model).get_trace(data.x, data.y)
             sites, init = [], {}
             for name, site in trace.iter_stochastic_nodes():
