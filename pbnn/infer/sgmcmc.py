@@ -135,9 +135,10 @@ class SGLD(_SGMCMC):
         thinning: gradient steps per kept draw (and per warm-up transition).
         temperature: T multiplies the noise variance; T = 1 is the Bayes posterior, T < 1
             a cold posterior (never the default).
-        compile: ``torch.compile`` the minibatch gradient (:class:`pbnn.kernels.hmc.Target`): ``True``,
-            ``False`` or ``"auto"`` (runs of at least ``COMPILE_MIN_STEPS`` = 100,000 gradient
-            steps over all chains, where the ~10 s of compilation pays off); ignored for Pyro models.
+        compile: ``torch.compile`` the minibatch gradient (:class:`pbnn.kernels.hmc.Target`; a Pyro
+            model's trace is first recorded as a graph): ``True``, ``False`` or ``"auto"`` (start
+            eagerly, compile once the measured step cost says the rest of the chain repays the
+            compilation: :class:`pbnn.engine.chains.AutoCompile`).
         schedule: ``"constant"`` or ``"polynomial"``: ``a (b + t)^-gamma`` with
             ``b = decay_b``, ``gamma = decay_gamma`` and ``a`` such that step 0 has ``lr``.
         init: ``"net"`` (default, see ``num_chains``) or ``"map"``: first ``map_steps`` (3000) of
