@@ -18,6 +18,7 @@ from pbnn.engine.chains import (
     tree_depth_warning,
 )
 from pbnn.engine.chains import sample_hmc as sample_chains
+from pbnn.kernels import hmc
 from pbnn.kernels.hmc import value_and_grad
 from pbnn.posterior.diagnostics import ess_bulk
 
@@ -271,14 +272,14 @@ def test_auto_compile_never_makes_a_shorter_run_slower(eager, speedup, compile_s
 
 
 def test_auto_compile_uses_costs_measured_in_this_process():
-    # A 400-iteration run at 0.1 s per eager iteration compiles after its first (the default
+    # A 4000-iteration run at 0.1 s per eager iteration compiles after its first (the default
     # estimates), measures compile cost and speedup; a graph torch.compile keeps (not traced)
     # is then assumed cached, so a later 30-iteration run compiles at its first check too.
     for trace, want_cost in ((True, 1.99), (False, CACHED_COMPILE_SECONDS)):
         key = ("measured", trace)
         target = _FakeTarget()
         target.trace = trace
-        auto = AutoCompile(target, key, total=400)
+        auto = AutoCompile(target, key, total=4000)
         assert auto.update(0, 0.1, {}) and target.compile
         for it, seconds in enumerate([2.0] + [0.01] * 5, start=1):  # compilation, then compiled
             auto.update(it, seconds, {})
@@ -326,3 +327,38 @@ def test_fit_warns_on_max_tree_depth(make_net):
     with pytest.warns(FitWarning, match="max_tree_depth=1"):
         pbnn.fit(model, x, y, method="nuts", num_samples=5, warmup=5, num_chains=1, max_tree_depth=1,
                  init="net", seed=0, progress=False)  # fmt: skip
+
+
+def test_traced_pyro_density_matches_the_model(conjugate):
+    # compile for a Pyro model records one chain's log density as a graph of tensor ops and
+    # vmaps it over chains: the same values and gradients as the model, at other points too.
+    c = conjugate
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        s = pyro.sample("s", dist.HalfNormal(1.0))  # a constrained site: the Jacobian is in the graph
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(x @ w, s), obs=y)
+
+    pot = pbnn.potential.Potential(model, pbnn.data.validate(model, c["x"], c["y"]))
+    density = lambda z: pot.log_joint_batch(z, None, pot.fixed)  # noqa: E731
+    z = torch.randn(3, pot.dim, generator=torch.Generator().manual_seed(0))
+    other = z + torch.tensor([0.3, -0.2, 0.1])
+    with pyro.validation_enabled(False):  # as in pbnn's samplers (Pyro's NaN checks read values)
+        traced = hmc._trace_density(density, z, ())
+        torch.testing.assert_close(traced(other), density(other))
+        g_model = value_and_grad(density)(other)[1]
+        g_traced = value_and_grad(traced)(other)[1]
+    torch.testing.assert_close(g_traced, g_model)
+
+
+def test_trace_falls_back_to_eager_on_control_flow():
+    def branchy(z):  # Python control flow on the value of z: one recorded path cannot serve it
+        return -(z**2).sum(-1) if float(z.sum()) > 0 else -z.abs().sum(-1)
+
+    target = value_and_grad(branchy, compile=True, trace=True)
+    with pytest.warns(UserWarning, match="could not record the model's log density"):
+        target.prepare(torch.ones(2, 3))
+    assert not target.compile
+    lp, g = target(torch.ones(2, 3))  # eager, correct
+    torch.testing.assert_close(lp, torch.full((2,), -3.0))

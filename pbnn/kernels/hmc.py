@@ -143,7 +143,12 @@ def _trace_density(log_density: Callable, z: torch.Tensor, args: tuple) -> Calla
         return log_density(z1[None], *full)[0]
 
     targs = [args[i] for i in tensors]
-    graph = make_fx(one)(z[0], *targs)
+    validate = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)  # value checks branch on data
+    try:
+        graph = make_fx(one)(z[0], *targs)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validate)
     batched = torch.func.vmap(graph, in_dims=(0,) + (None,) * len(targs))
 
     def traced(zz, *call_args):
