@@ -38,8 +38,9 @@ def per_step(fn, n=300, repeat=5):
     return best
 
 
-def fit_seconds(method: str, steps: int, x, y, batch: int, thinning: int = 10) -> float:
-    """Wall time of a default ``pbnn.fit`` of ``steps`` gradient steps (set-up and compilation included)."""
+def fit_seconds(method: str, steps: int, x, y, batch: int, thinning: int = 10) -> tuple[float, int]:
+    """Wall time of a default ``pbnn.fit`` of about ``steps`` gradient steps (set-up and
+    compilation included) and the steps it took."""
     transitions = max(steps // thinning, 4)
     if method.startswith("c"):  # cyclical: half of each of the 4 cycles samples
         opts = {"num_samples": transitions // 2, "cycle_length": steps // 4, "init": "net"}
@@ -48,9 +49,7 @@ def fit_seconds(method: str, steps: int, x, y, batch: int, thinning: int = 10) -
     t = time.perf_counter()
     post = pbnn.fit(pbnn.BNN(make_net()), x, y, method=method, thinning=thinning, batch_size=batch, progress=False,
                     seed=0, **opts)  # fmt: skip
-    wall = time.perf_counter() - t
-    assert post.info["gradient_steps"][0] == steps, post.info["gradient_steps"]
-    return wall
+    return time.perf_counter() - t, post.info["gradient_steps"][0]
 
 
 def main():
@@ -76,13 +75,12 @@ def main():
     if args.fit_steps:
         for steps in (args.fit_steps, 600):
             for method in ("sgld", "sghmc", "csgld"):
-                sgd_step()
+                wall, done = fit_seconds(method, steps, x, y, batch)
                 t = time.perf_counter()
-                for _ in range(steps):
+                for _ in range(done):
                     sgd_step()
                 sgd = time.perf_counter() - t
-                wall = fit_seconds(method, steps, x, y, batch)
-                print(f"default {method} fit of {steps} steps: {wall:6.1f} s, {steps} SGD steps {sgd:6.1f} s: "
+                print(f"default {method} fit of {done} steps: {wall:6.1f} s, {done} SGD steps {sgd:6.1f} s: "
                       f"x{wall / sgd:.2f}", flush=True)  # fmt: skip
 
     base = per_step(sgd_step)

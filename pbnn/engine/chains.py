@@ -488,11 +488,15 @@ def sg_gradient(potential, batch_size: int | None, generator: torch.Generator, c
         batch *= distributed.world_size()
     batches = batch_indices(n, batch, generator) if batch else None
 
-    # A Pyro model's trace is recorded as a graph of tensor ops before compiling (Target's trace=);
-    # sampling never needs Pyro's argument validation (and its NaN checks cannot be recorded).
     def log_density(z, idx):
-        with pyro.validation_enabled(False):
-            return potential.log_joint(z[0], idx)[None]
+        return potential.log_joint(z[0], idx)[None]
+
+    if potential.kind != "bnn":
+        # A Pyro model's trace is recorded as a graph of tensor ops before compiling (Target's
+        # trace=); sampling never needs Pyro's argument validation (its NaN checks read values).
+        def log_density(z, idx):  # noqa: F811
+            with pyro.validation_enabled(False):
+                return potential.log_joint(z[0], idx)[None]
 
     target = Target(log_density, compile=compile, sanitise=False, trace=potential.kind != "bnn")
     rows_split = potential.kind == "bnn" or batch is not None  # a full-batch Pyro model cannot take a row subset
