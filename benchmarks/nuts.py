@@ -1,248 +1,321 @@
-"""pbnn NUTS vs plain Pyro NUTS on the same BNN, in the same process: effective samples per second.
+"""pbnn NUTS against Pyro NUTS (``jit_compile=True``) and NumPyro NUTS on the same posteriors.
 
-Model (as in issue 3): a 1-20-1 tanh net, 100 points, Normal(0, 1) priors on all 61
-weights, fixed Gaussian noise 0.1. Both samplers start from the same network
-initialisation, use target_accept 0.8 and the same max_tree_depth. The statistic is the
-minimum bulk ESS over all weights (ArviZ) divided by wall time, including warm-up.
+Two posteriors (the same data, priors and starting point for every sampler):
+- ``logistic``: logistic regression, 5 features + bias, 200 points, Normal(0, 1) priors: a
+  posterior whose ESS is close to the number of draws, so ESS per gradient compares samplers.
+- ``bnn``: the issue's 1-20-1 tanh BNN, 100 points, Normal(0, 1) priors on all 61 weights,
+  fixed Gaussian noise 0.1: a slowly mixing posterior (trees at the cap, ESS a handful), the
+  second row.
 
-Both run the same number of warm-up and sampling iterations per chain (default 100 + 100:
-plain Pyro NUTS spends milliseconds per leapfrog step and trees of ~256 steps on this
-posterior, so longer Pyro runs do not fit in a few minutes on 2 cores). pbnn runs 4 chains
-in one vectorised batch with ``compile=True`` (the compilation time counts in its wall
-time); Pyro runs one chain. The script prints (1) gradient cost per chain, (2) time per
-chain-leapfrog step including everything, and (3) ESS/s, with pbnn's ESS pooled over chains
-(the issue's metric) and summed over chains (what a one-chain run measures).
+Each sampler runs in its own fresh process (so every compile cost is counted):
+- pbnn: ``pbnn.fit(method="nuts")`` with the default ``compile="auto"``, 4 chains in one
+  vectorised batch, once with a cold torch compile cache (a new empty ``TORCHINDUCTOR_CACHE_DIR``)
+  and once warm (the same directory again, in a new process).
+- Pyro: ``pyro.infer.NUTS(jit_compile=True)``, one chain, shorter by default (``--pyro-warmup``,
+  ``--pyro-draws``), because Pyro costs milliseconds per leapfrog step.
+- NumPyro (optional): 4 chains, ``chain_method="vectorized"``, in a separate virtual
+  environment: ``python -m venv /tmp/npvenv && /tmp/npvenv/bin/pip install numpyro`` and pass
+  ``--numpyro-python /tmp/npvenv/bin/python``.
 
-This posterior mixes slowly (step size ~0.003, trees at the cap): ESS from a few hundred
-draws is a handful and does NOT grow in proportion to run length, so compare ESS/s only
-between runs of equal length; the per-leapfrog ratio is the stable number.
+Reported per run: wall time including compilation; steady-state seconds per chain-leapfrog
+(sampling phase only: its wall time over the leapfrog steps its chains took; NumPyro compiles
+its sampling loop at the start of that phase, so its steady state is timed on a repeat); minimum bulk
+ESS over all parameters (ArviZ, pooled over chains) and ESS per 1000 gradients (sampling
+phase); then the ratios of pbnn to NumPyro (else to Pyro). One torch / XLA thread per process.
 
-Usage: python benchmarks/nuts.py [--chains 4 --warmup 100 --draws 100 --pyro-warmup W --pyro-draws S]
+Usage: python benchmarks/nuts.py [--models logistic,bnn] [--chains 4 --warmup 500 --draws 500]
+       [--pyro-warmup 100 --pyro-draws 100] [--numpyro-python PATH] [--skip-pyro]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import pyro
-import pyro.distributions as dist
-import torch
-from pyro.nn import PyroModule, PyroSample
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pbnn
-import pbnn  # noqa: E402
-import pbnn.kernels.hmc  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_data(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.linspace(-2, 2, 100)[:, None]
-    y = torch.sin(2 * x[:, 0]) + 0.1 * torch.randn(100, generator=g)
-    return x, y
+# ---------------------------------------------------------------------------- problems (numpy only)
+def make_problem(name: str) -> dict:
+    """Data and a starting point shared by every sampler (numpy, seed 0)."""
+    rng = np.random.default_rng(0)
+    if name == "logistic":
+        x = rng.standard_normal((200, 5)).astype(np.float32)
+        w = np.array([1.0, -0.5, 0.25, 0.0, 0.75], dtype=np.float32)
+        y = (rng.random(200) < 1 / (1 + np.exp(-(x @ w + 0.3)))).astype(np.float32)
+        init = {"w": rng.normal(0, 0.1, (1, 5)), "b": rng.normal(0, 0.1, (1,))}
+    elif name == "bnn":
+        x = np.linspace(-2, 2, 100, dtype=np.float32)[:, None]
+        y = (np.sin(2 * x[:, 0]) + 0.1 * rng.standard_normal(100)).astype(np.float32)
+        init = {
+            "w1": rng.uniform(-1, 1, (20, 1)),
+            "b1": rng.uniform(-1, 1, (20,)),
+            "w2": rng.uniform(-0.2, 0.2, (1, 20)),
+            "b2": rng.uniform(-0.2, 0.2, (1,)),
+        }
+    else:
+        raise ValueError(f"unknown model {name!r}: logistic or bnn")
+    return {"x": x, "y": y, "init": {k: v.astype(np.float32) for k, v in init.items()}}
 
 
-def make_net(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1))
+# ---------------------------------------------------------------------------- workers
+def run_pbnn(problem: dict, args) -> dict:
+    import torch
 
+    sys.path.insert(0, str(ROOT))  # this checkout's pbnn
+    import pbnn
+    import pbnn.kernels.hmc as hmc
 
-class PyroBNN(PyroModule):
-    """The same BNN as a PyroModule, the way the Pyro tutorials write it."""
+    torch.set_num_threads(1)
+    x, y = torch.as_tensor(problem["x"]), torch.as_tensor(problem["y"])
+    p = {k: torch.as_tensor(v) for k, v in problem["init"].items()}
+    if args.model == "logistic":
+        net = torch.nn.Linear(5, 1)
+        pairs = [(net.weight, p["w"]), (net.bias, p["b"])]
+        likelihood = pbnn.likelihoods.Bernoulli()
+    else:
+        net = torch.nn.Sequential(torch.nn.Linear(1, 20), torch.nn.Tanh(), torch.nn.Linear(20, 1))
+        pairs = [(net[0].weight, p["w1"]), (net[0].bias, p["b1"]), (net[2].weight, p["w2"]), (net[2].bias, p["b2"])]
+        likelihood = pbnn.likelihoods.Gaussian(0.1)
+    with torch.no_grad():
+        for param, value in pairs:
+            param.copy_(value)
+    model = pbnn.BNN(net, prior=pbnn.priors.Normal(0.0, 1.0), likelihood=likelihood)
+    marks = {}
+    adapt = hmc.adapt
 
-    def __init__(self, net: torch.nn.Module, sigma: float) -> None:
-        super().__init__()
-        self.fc1 = PyroModule[torch.nn.Linear](1, 20)
-        self.fc2 = PyroModule[torch.nn.Linear](20, 1)
-        for layer in (self.fc1, self.fc2):
-            layer.weight = PyroSample(dist.Normal(0.0, 1.0).expand(layer.weight.shape).to_event(2))
-            layer.bias = PyroSample(dist.Normal(0.0, 1.0).expand(layer.bias.shape).to_event(1))
-        self.sigma = sigma
+    def timed_adapt(state, warm, info, it, **kw):  # the last warm-up iteration ends the warm-up phase
+        out = adapt(state, warm, info, it, **kw)
+        if it == kw["warmup"] - 1:
+            marks["warmup_end"] = time.perf_counter()
+        return out
 
-    def forward(self, x, y=None):
-        f = self.fc2(torch.tanh(self.fc1(x)))[:, 0]
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Normal(f, self.sigma), obs=y)
-        return f
-
-
-def min_ess(samples: dict[str, np.ndarray]) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import arviz as az
-
-        ess = az.ess(az.from_dict(posterior=samples), method="bulk")
-    return float(min(ess[v].values.min() for v in ess.data_vars))
-
-
-class LeapfrogCounter:
-    """Counts leapfrog steps (each chain's step counts once) by wrapping a function of the
-    sampler: ``count(args, kwargs, result)`` says how many steps one call made."""
-
-    def __init__(self, module, name: str, count) -> None:
-        self.module, self.name, self.count_fn, self.count = module, name, count, 0
-        self.original = getattr(module, name)
-
-    def __enter__(self):
-        def counted(*a, **k):
-            out = self.original(*a, **k)
-            self.count += self.count_fn(a, k, out)
-            return out
-
-        setattr(self.module, self.name, counted)
-        return self
-
-    def __exit__(self, *exc):
-        setattr(self.module, self.name, self.original)
-
-
-def _subtree_steps(args, kwargs, sub) -> int:
-    # Chains step in lockstep: a subtree costs as many vectorised leaves as its longest chain.
-    return int(sub["n"].max()) * sub["n"].shape[0]
-
-
-def run_pbnn(net, x, y, args):
-    model = pbnn.BNN(net, prior=pbnn.priors.Normal(0.0, 1.0), likelihood=pbnn.likelihoods.Gaussian(0.1))
+    hmc.adapt = timed_adapt
     t = time.perf_counter()
-    with LeapfrogCounter(pbnn.kernels.hmc, "_build_subtree", _subtree_steps) as counter:
-        post = pbnn.fit(
-            model, x, y, method="nuts", num_samples=args.draws, warmup=args.warmup, num_chains=args.chains,
-            max_tree_depth=args.max_tree_depth, init="net", init_jitter=0.0 if args.chains == 1 else 0.1,
-            seed=0, progress=False, warn=False, compile=args.compile,
-        )  # fmt: skip
-    wall = time.perf_counter() - t
-    ess = min_ess({k: v.numpy() for k, v in post.samples.items()})
-    # Chains that settle in different (permuted) modes make the pooled ESS tiny; the summed
-    # within-chain ESS is what a one-chain run like Pyro's below measures.
-    per_chain = sum(min_ess({k: v[c : c + 1].numpy() for k, v in post.samples.items()}) for c in range(args.chains))
-    grads = int(post.sample_stats["n_steps"].max(0).values.sum())  # lockstep: the longest chain's tree
+    post = pbnn.fit(
+        model, x, y, method="nuts", num_samples=args.draws, warmup=args.warmup, num_chains=args.chains,
+        max_tree_depth=args.max_tree_depth, init="net", init_jitter=0.0, seed=0, progress=False, warn=False,
+        compile=args.compile,
+    )  # fmt: skip
+    end = time.perf_counter()
+    steps = post.sample_stats["n_steps"]
+    draws = {k: v.reshape(v.shape[0], v.shape[1], -1).numpy() for k, v in post.samples.items()}
     return {
-        "wall": wall, "ess": ess, "ess_chains": per_chain, "grads_per_chain": grads, "post": post,
-        "leapfrogs": counter.count, "step_size": post.info["step_size"],
+        "wall": end - t, "sampling": end - marks.get("warmup_end", t), "grads": int(steps.sum()),
+        "draws": draws, "step_size": [float(e) for e in post.info["step_size"]],
     }  # fmt: skip
 
 
-def run_pyro(net, x, y, args):
+def run_pyro(problem: dict, args) -> dict:
+    import pyro
+    import pyro.distributions as dist
+    import torch
     from pyro.infer import MCMC, NUTS
     from pyro.infer.autoguide import init_to_value
+    from pyro.infer.mcmc import nuts as pyro_nuts
 
-    pyro.clear_param_store()
+    torch.set_num_threads(1)
     pyro.set_rng_seed(0)
-    model = PyroBNN(net, 0.1)
-    init = {f"fc{i + 1}.{p}": getattr(net[2 * i], p).detach().clone() for i in range(2) for p in ("weight", "bias")}
+    x, y = torch.as_tensor(problem["x"]), torch.as_tensor(problem["y"])
+    init = {k: torch.as_tensor(v) for k, v in problem["init"].items()}
+
+    def model(x, y=None):
+        s = {k: pyro.sample(k, dist.Normal(0.0, 1.0).expand(v.shape).to_event(v.dim())) for k, v in init.items()}
+        if args.model == "logistic":
+            f = (x @ s["w"].T + s["b"])[:, 0]
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", dist.Bernoulli(logits=f), obs=y)
+        else:
+            f = (torch.tanh(x @ s["w1"].T + s["b1"]) @ s["w2"].T + s["b2"])[:, 0]
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", dist.Normal(f, 0.1), obs=y)
+
+    kernel = NUTS(
+        model, target_accept_prob=0.8, max_tree_depth=args.max_tree_depth, jit_compile=True,
+        ignore_jit_warnings=True, init_strategy=init_to_value(values=init),
+    )  # fmt: skip
+    count, marks = [0], {}
+    original = pyro_nuts.velocity_verlet
+
+    def counted(*a, **k):
+        count[0] += k.get("num_steps", 1)
+        return original(*a, **k)
+
+    def hook(kernel, samples, stage, i):
+        if stage == "Warmup" and i == args.pyro_warmup - 1:
+            marks["warmup_end"], marks["warmup_steps"] = time.perf_counter(), count[0]
+
+    pyro_nuts.velocity_verlet = counted
+    mcmc = MCMC(kernel, num_samples=args.pyro_draws, warmup_steps=args.pyro_warmup, hook_fn=hook, disable_progbar=True)
+    t = time.perf_counter()
+    mcmc.run(x, y)
+    end = time.perf_counter()
+    draws = {k: v.reshape(1, v.shape[0], -1).numpy() for k, v in mcmc.get_samples().items()}
+    return {
+        "wall": end - t, "sampling": end - marks["warmup_end"], "grads": count[0] - marks["warmup_steps"],
+        "draws": draws, "step_size": [float(kernel.step_size)],
+    }  # fmt: skip
+
+
+def run_numpyro(problem: dict, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import MCMC, NUTS, init_to_value
+
+    numpyro.set_host_device_count(1)
+    x, y = jnp.asarray(problem["x"]), jnp.asarray(problem["y"])
+    init = {k: jnp.asarray(v) for k, v in problem["init"].items()}
+
+    def model(x, y=None):
+        s = {k: numpyro.sample(k, dist.Normal(0.0, 1.0).expand(v.shape).to_event(v.ndim)) for k, v in init.items()}
+        if args.model == "logistic":
+            f = (x @ s["w"].T + s["b"])[:, 0]
+            with numpyro.plate("data", x.shape[0]):
+                numpyro.sample("obs", dist.Bernoulli(logits=f), obs=y)
+        else:
+            f = (jnp.tanh(x @ s["w1"].T + s["b1"]) @ s["w2"].T + s["b2"])[:, 0]
+            with numpyro.plate("data", x.shape[0]):
+                numpyro.sample("obs", dist.Normal(f, 0.1), obs=y)
+
     kernel = NUTS(
         model, target_accept_prob=0.8, max_tree_depth=args.max_tree_depth, init_strategy=init_to_value(values=init)
     )
-    mcmc = MCMC(kernel, num_samples=args.pyro_draws, warmup_steps=args.pyro_warmup, disable_progbar=not args.progress)
-    from pyro.infer.mcmc import nuts as pyro_nuts
-
+    mcmc = MCMC(kernel, num_warmup=args.warmup, num_samples=args.draws, num_chains=args.chains,
+                chain_method="vectorized", progress_bar=False)  # fmt: skip
+    key = jax.random.PRNGKey(0)
     t = time.perf_counter()
-    with LeapfrogCounter(pyro_nuts, "velocity_verlet", lambda a, k, out: k.get("num_steps", 1)) as counter:
-        mcmc.run(x, y)
-    wall = time.perf_counter() - t
-    samples = {k: v.numpy()[None] for k, v in mcmc.get_samples().items()}
+    mcmc.warmup(key, x, y, extra_fields=("num_steps",))
+    jax.block_until_ready(mcmc.last_state)
+    mcmc.run(mcmc.post_warmup_state.rng_key, x, y, extra_fields=("num_steps",))
+    jax.block_until_ready(mcmc.get_samples())
+    end = time.perf_counter()
+    steps = int(np.asarray(mcmc.get_extra_fields()["num_steps"]).sum())
+    samples = mcmc.get_samples(group_by_chain=True)
+    draws = {k: np.asarray(v).reshape(v.shape[0], v.shape[1], -1) for k, v in samples.items()}
+    # The sampling loop is a second jitted function (compiled inside the run above): time the
+    # steady state on a repeat of the sampling phase from where it ended.
+    mcmc.post_warmup_state = mcmc.last_state
+    t2 = time.perf_counter()
+    mcmc.run(mcmc.post_warmup_state.rng_key, x, y, extra_fields=("num_steps",))
+    jax.block_until_ready(mcmc.get_samples())
+    steady = time.perf_counter() - t2
+    steady_steps = int(np.asarray(mcmc.get_extra_fields()["num_steps"]).sum())
     return {
-        "wall": wall, "ess": min_ess(samples), "draws": args.pyro_draws, "step_size": kernel.step_size,
-        "leapfrogs": counter.count,
+        "wall": end - t, "sampling": steady * steps / max(steady_steps, 1), "grads": steps, "draws": draws,
+        "step_size": [],
     }  # fmt: skip
 
 
-def time_gradient(net, x, y, n=200):
-    """Seconds per chain-gradient of the log joint: pbnn's Potential (eager, compiled, 1 and 4
-    chains) vs a Pyro trace of the PyroModule."""
-    from pyro.infer.mcmc.util import initialize_model
-    from pyro.ops.integrator import potential_grad
+WORKERS = {"pbnn": run_pbnn, "pyro": run_pyro, "numpyro": run_numpyro}
 
-    model = pbnn.BNN(net, prior=pbnn.priors.Normal(0.0, 1.0), likelihood=pbnn.likelihoods.Gaussian(0.1))
-    pot = pbnn.potential.Potential(model, pbnn.data.validate(model, x, y))
-    out = {}
-    with pyro.validation_enabled(False):
-        for compiled in (False, True):
-            fn = pbnn.kernels.hmc.value_and_grad(pot.log_joint_batch, compile=compiled)
-            for chains in (1, 4):
-                z = pot.initial_z()[None].repeat(chains, 1)
-                fn(z), fn(z)  # compile / warm up
-                t = time.perf_counter()
-                for _ in range(n):
-                    fn(z)
-                out[("compiled" if compiled else "eager", chains)] = (time.perf_counter() - t) / n / chains
-    pyro.set_rng_seed(0)
-    init_params, potential_fn, _, _ = initialize_model(PyroBNN(net, 0.1), model_args=(x, y))
-    params = {k: v.detach().requires_grad_(True) for k, v in init_params.items()}
-    potential_grad(potential_fn, params)
-    t = time.perf_counter()
-    for _ in range(n // 4):
-        potential_grad(potential_fn, params)
-    out["pyro"] = (time.perf_counter() - t) / (n // 4)
-    return out
+
+def worker(args) -> None:
+    out = WORKERS[args.worker](make_problem(args.model), args)
+    np.savez(args.out, **{f"draw:{k}": v for k, v in out.pop("draws").items()})
+    Path(args.out + ".json").write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------- parent
+def launch(python: str, which: str, args, env: dict | None = None) -> dict:
+    """Run one worker in a fresh process; its draws, wall times and gradient counts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run")
+        cmd = [python, __file__, "--worker", which, "--model", args.model, "--out", out]
+        for name in ("chains", "warmup", "draws", "pyro_warmup", "pyro_draws", "max_tree_depth", "compile"):
+            cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        environ = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
+            **(env or {}),
+        }
+        subprocess.run(cmd, check=True, env=environ)
+        result = json.loads(Path(out + ".json").read_text())
+        with np.load(out + ".npz") as f:
+            result["draws"] = {k.split(":", 1)[1]: f[k] for k in f.files}
+    return result
+
+
+def min_ess(draws: dict[str, np.ndarray]) -> float:
+    import warnings
+
+    import arviz as az
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ess = az.ess(az.from_dict(posterior=draws), method="bulk")
+    return float(min(ess[v].values.min() for v in ess.data_vars))
+
+
+def report(name: str, r: dict) -> dict:
+    r["ess"] = min_ess(r["draws"])
+    r["per_leapfrog"] = r["sampling"] / max(r["grads"], 1)
+    r["ess_per_grad"] = r["ess"] / max(r["grads"], 1)
+    print(
+        f"  {name:18s} wall {r['wall']:7.1f} s | steady {r['per_leapfrog'] * 1e3:7.3f} ms/chain-leapfrog | "
+        f"{r['grads']:8d} sampling gradients | min bulk ESS {r['ess']:7.1f} | "
+        f"ESS/1000 grads {r['ess_per_grad'] * 1e3:6.2f}",
+        flush=True,
+    )
+    return r
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="logistic,bnn")
     p.add_argument("--chains", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--draws", type=int, default=100)
-    p.add_argument("--pyro-warmup", type=int, default=None, help="default: --warmup (equal-length runs)")
-    p.add_argument("--pyro-draws", type=int, default=None, help="default: --draws")
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--draws", type=int, default=500)
+    p.add_argument("--pyro-warmup", type=int, default=100)
+    p.add_argument("--pyro-draws", type=int, default=100)
     p.add_argument("--max-tree-depth", type=int, default=8)
-    p.add_argument("--compile", type=lambda s: {"true": True, "false": False}.get(s, s), default=True,
-                   help="pbnn's compile option: true (default here), false or auto")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny model, no sync overhead)")
-    p.add_argument("--progress", action="store_true")
+    p.add_argument("--compile", default="auto", help="pbnn's compile option: auto (default), True or False")
+    p.add_argument("--numpyro-python", default=None, help="python of a virtual environment with numpyro installed")
+    p.add_argument("--skip-pyro", action="store_true")
+    # worker mode (internal)
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.pyro_warmup = args.warmup if args.pyro_warmup is None else args.pyro_warmup
-    args.pyro_draws = args.draws if args.pyro_draws is None else args.pyro_draws
-    torch.set_num_threads(args.threads)
-    x, y = make_data()
-    net = make_net()
-
-    g = time_gradient(copy.deepcopy(net), x, y)
-    print("gradient of the log joint, ms per chain (ratio to Pyro's trace):")
-    for key in [("eager", 1), ("eager", 4), ("compiled", 1), ("compiled", 4)]:
-        print(f"  pbnn Potential {key[0]:8s} {key[1]} chain(s): {g[key] * 1e3:.3f} ms  (x{g['pyro'] / g[key]:.1f})")
-    print(f"  Pyro trace of the PyroModule:      {g['pyro'] * 1e3:.3f} ms")
-
-    ours = run_pbnn(copy.deepcopy(net), x, y, args)
-    steps = " ".join(f"{float(e):.2g}" for e in ours["step_size"])
-    print(
-        f"pbnn NUTS: {args.chains} chains x ({args.warmup} warm-up + {args.draws} draws), compile={args.compile}: "
-        f"{ours['wall']:.1f} s, {ours['leapfrogs']} chain-leapfrogs, step sizes {steps}, "
-        f"min bulk ESS pooled {ours['ess']:.0f}, summed over chains {ours['ess_chains']:.0f}"
-    )
-    theirs = run_pyro(copy.deepcopy(net), x, y, args)
-    print(
-        f"Pyro NUTS: 1 chain x ({args.pyro_warmup} warm-up + {args.pyro_draws} draws): {theirs['wall']:.1f} s, "
-        f"{theirs['leapfrogs']} leapfrogs, step size {float(theirs['step_size']):.2g}, min bulk ESS {theirs['ess']:.0f}"
-    )
-    ours_lf = ours["wall"] / ours["leapfrogs"]
-    theirs_lf = theirs["wall"] / theirs["leapfrogs"]
-    print(
-        f"time per chain-leapfrog (everything included): pbnn {ours_lf * 1e3:.3f} ms, Pyro {theirs_lf * 1e3:.3f} ms "
-        f"-> x{theirs_lf / ours_lf:.1f}"
-    )
-    pyro_rate = theirs["ess"] / theirs["wall"]
-    print(
-        f"ESS/s (the issue's metric; Pyro runs one chain): pbnn pooled "
-        f"{ours['ess'] / ours['wall']:.3f} -> x{ours['ess'] / ours['wall'] / pyro_rate:.1f}; pbnn summed within-chain "
-        f"{ours['ess_chains'] / ours['wall']:.3f} -> x{ours['ess_chains'] / ours['wall'] / pyro_rate:.1f}; "
-        f"Pyro {pyro_rate:.3f}"
-    )
-    print(
-        "Pooled ESS is low when chains sit in different (permuted) modes of the weight posterior; the\n"
-        "within-chain sum is what Pyro's single chain measures. Short runs make ESS noisy: the per-leapfrog\n"
-        "ratio is the stable number (ESS per leapfrog is a property of NUTS, not of the implementation)."
-    )
-    try:
-        import numpyro  # noqa: F401
-
-        print("NumPyro is installed but this script does not run it yet.")
-    except ImportError:
-        print("NumPyro not installed: no NumPyro comparison.")
+    args.compile = {"True": True, "False": False}.get(args.compile, args.compile)
+    if args.worker:
+        return worker(args)
+    for model in args.models.split(","):
+        args.model = model
+        print(f"{model}: {args.chains} chains x ({args.warmup} warm-up + {args.draws} draws), max_tree_depth "
+              f"{args.max_tree_depth}; Pyro 1 chain x ({args.pyro_warmup} + {args.pyro_draws})")  # fmt: skip
+        runs = {}
+        with tempfile.TemporaryDirectory() as cache:
+            for state in ("cold", "warm"):
+                env = {"TORCHINDUCTOR_CACHE_DIR": cache}
+                runs[f"pbnn ({state} cache)"] = report(
+                    f"pbnn ({state} cache)", launch(sys.executable, "pbnn", args, env)
+                )
+        if not args.skip_pyro:
+            runs["pyro jit"] = report("Pyro (jit_compile)", launch(sys.executable, "pyro", args))
+        if args.numpyro_python:
+            runs["numpyro"] = report("NumPyro", launch(args.numpyro_python, "numpyro", args))
+        base_name = "numpyro" if "numpyro" in runs else "pyro jit" if "pyro jit" in runs else None
+        if base_name is None:
+            continue
+        base = runs[base_name]
+        for name in ("pbnn (cold cache)", "pbnn (warm cache)"):
+            r = runs[name]
+            print(
+                f"  {name} / {base_name}: steady per chain-leapfrog x{r['per_leapfrog'] / base['per_leapfrog']:.2f}, "
+                f"ESS per gradient x{r['ess_per_grad'] / max(base['ess_per_grad'], 1e-12):.2f}"
+                + (f", wall x{r['wall'] / base['wall']:.2f}" if base_name == "numpyro" else "")
+            )
 
 
 if __name__ == "__main__":

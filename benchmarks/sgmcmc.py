@@ -10,6 +10,7 @@ graph; the one-off compilation time is printed separately). Run:
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -37,7 +38,24 @@ def per_step(fn, n=300, repeat=5):
     return best
 
 
+def fit_seconds(method: str, steps: int, x, y, batch: int, thinning: int = 10) -> tuple[float, int]:
+    """Wall time of a default ``pbnn.fit`` of about ``steps`` gradient steps (set-up and
+    compilation included) and the steps it took."""
+    transitions = max(steps // thinning, 4)
+    if method.startswith("c"):  # cyclical: half of each of the 4 cycles samples
+        opts = {"num_samples": transitions // 2, "cycle_length": steps // 4, "init": "net"}
+    else:
+        opts = {"num_samples": transitions // 2, "warmup": transitions - transitions // 2}
+    t = time.perf_counter()
+    post = pbnn.fit(pbnn.BNN(make_net()), x, y, method=method, thinning=thinning, batch_size=batch, progress=False,
+                    seed=0, **opts)  # fmt: skip
+    return time.perf_counter() - t, post.info["gradient_steps"][0]
+
+
 def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--fit-steps", type=int, default=20_000)
+    args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 10, generator=g)
     y = torch.sin(x[:, 0]) + 0.1 * torch.randn(4096, generator=g)
@@ -53,6 +71,17 @@ def main():
         loss = torch.nn.functional.mse_loss(net(x[idx])[:, 0], y[idx])
         loss.backward()
         opt.step()
+
+    if args.fit_steps:
+        for steps in (args.fit_steps, 600):
+            for method in ("sgld", "sghmc", "csgld"):
+                wall, done = fit_seconds(method, steps, x, y, batch)
+                t = time.perf_counter()
+                for _ in range(done):
+                    sgd_step()
+                sgd = time.perf_counter() - t
+                print(f"default {method} fit of {done} steps: {wall:6.1f} s, {done} SGD steps {sgd:6.1f} s: "
+                      f"x{wall / sgd:.2f}", flush=True)  # fmt: skip
 
     base = per_step(sgd_step)
     print(f"torch.optim.SGD step: {base * 1e6:8.1f} us")

@@ -1,6 +1,7 @@
 """NUTS and HMC: exactness on closed forms, known targets, reproducibility, diagnostics."""
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -8,7 +9,16 @@ import pytest
 import torch
 
 import pbnn
+import pbnn.engine.chains as chains_module
+from pbnn.core.data import FitWarning
+from pbnn.engine.chains import (
+    CACHED_COMPILE_SECONDS,
+    AutoCompile,
+    compile_pays,
+    tree_depth_warning,
+)
 from pbnn.engine.chains import sample_hmc as sample_chains
+from pbnn.kernels import hmc
 from pbnn.kernels.hmc import value_and_grad
 from pbnn.posterior.diagnostics import ess_bulk
 
@@ -88,13 +98,19 @@ def test_correlated_gaussian_core():
     check_moments(out.draws, torch.zeros(2), cov)
 
 
+_COV = torch.tensor([[1.0, 0.95 * 3], [0.95 * 3, 9.0]])
+_PREC = torch.linalg.inv(_COV)
+
+
+def _correlated(z: torch.Tensor) -> torch.Tensor:
+    return -0.5 * ((z @ _PREC) * z).sum(-1)
+
+
 def test_compiled_sampler_matches_eager_and_target():
     # torch.compile fuses the leaf (leapfrog + gradient + checkpoint bookkeeping): same
     # algorithm, so from the same generator the first draws agree with the eager sampler to
     # float rounding, and a longer compiled run gets the correlated Gaussian's moments.
-    cov = torch.tensor([[1.0, 0.95 * 3], [0.95 * 3, 9.0]])
-    prec = torch.linalg.inv(cov)
-    log_density = lambda z: -0.5 * ((z @ prec) * z).sum(-1)
+    cov, log_density = _COV, _correlated  # shared with the compile="auto" test: compiled once
     compiled_target = value_and_grad(log_density, compile=True)  # compiled once, used twice
     runs = {}
     for fn in (value_and_grad(log_density), compiled_target):
@@ -214,3 +230,135 @@ def test_old_option_names_warn_and_still_work():
         assert pbnn.infer.MH(init_scale=0.2).proposal_scale == 0.2
     with pytest.warns(DeprecationWarning, match="step_size= is now lr="):
         assert pbnn.infer.make_backend("csghmc", step_size=0.01).lr == 0.01
+
+
+# ---------------------------------------------------------------------------- compile="auto" and tree depth
+def test_compile_pays_exactly_when_the_rest_of_the_run_repays_it():
+    # remaining eager seconds * (1 - 1 / speedup) against the compile seconds
+    assert compile_pays(31.0, compile_seconds=20.0, speedup=3.0)
+    assert not compile_pays(29.0, compile_seconds=20.0, speedup=3.0)
+    assert not compile_pays(1e9, compile_seconds=math.inf, speedup=3.0)  # compilation failed before
+    assert not compile_pays(1e9, compile_seconds=0.0, speedup=1.0)  # compiled is no faster
+
+
+class _FakeTarget:
+    compile, trace = False, True
+
+
+def _simulated_seconds(total: int, eager: float, speedup: float, compile_seconds: float) -> float:
+    """Wall time of a run of ``total`` iterations under AutoCompile whose cost estimates are
+    right (as after a first measurement), costs simulated exactly."""
+    target, key = _FakeTarget(), ("simulated", total, eager, speedup, compile_seconds)
+    chains_module._MEASURED[key] = (compile_seconds, speedup)
+    auto = AutoCompile(target, key, total)
+    wall, first = 0.0, True
+    for it in range(total):
+        seconds = eager
+        if target.compile:
+            seconds, first = eager / speedup + (compile_seconds if first else 0.0), False
+        wall += seconds
+        auto.update(it, seconds, {})
+    del chains_module._MEASURED[key]
+    return wall
+
+
+@pytest.mark.parametrize("eager, speedup, compile_seconds", [(0.4, 3.0, 20.0), (0.4, 10.0, 20.0), (0.05, 5.0, 1.0)])
+def test_auto_compile_never_makes_a_shorter_run_slower(eager, speedup, compile_seconds):
+    # The wall time of a run grows with its length, and a long run compiles (it ends well
+    # below the all-eager time).
+    walls = [_simulated_seconds(n, eager, speedup, compile_seconds) for n in range(1, 600, 7)]
+    assert all(b >= a for a, b in zip(walls, walls[1:]))
+    assert walls[-1] < 0.7 * eager * 596
+
+
+def test_auto_compile_uses_costs_measured_in_this_process():
+    # A 4000-iteration run at 0.1 s per eager iteration compiles after its first (the default
+    # estimates), measures compile cost and speedup; a graph torch.compile keeps (not traced)
+    # is then assumed cached, so a later 30-iteration run compiles at its first check too.
+    for trace, want_cost in ((True, 1.99), (False, CACHED_COMPILE_SECONDS)):
+        key = ("measured", trace)
+        target = _FakeTarget()
+        target.trace = trace
+        auto = AutoCompile(target, key, total=4000)
+        assert auto.update(0, 0.1, {}) and target.compile
+        for it, seconds in enumerate([2.0] + [0.01] * 5, start=1):  # compilation, then compiled
+            auto.update(it, seconds, {})
+        cost, speedup = chains_module._MEASURED.pop(key)
+        assert cost == pytest.approx(want_cost) and speedup == pytest.approx(10.0)
+    short = _FakeTarget()
+    assert not AutoCompile(short, ("fresh",), total=30).update(0, 0.1, {}) and not short.compile
+    chains_module._MEASURED[("cached",)] = (CACHED_COMPILE_SECONDS, 10.0)
+    assert AutoCompile(short, ("cached",), total=30).update(0, 0.1, {}) and short.compile
+    del chains_module._MEASURED[("cached",)]
+
+
+def test_auto_compile_switches_mid_run_to_the_compiled_sampler(monkeypatch):
+    # Forced to switch after iteration 1 (measured: free compile, 1000x faster), a run's first
+    # draws agree with the eager run's to float rounding, as for compile=True.
+    monkeypatch.setitem(chains_module._MEASURED, ("nuts", 10, 20, "auto-test"), (0.0, 1000.0))
+    runs = {}
+    for key in (None, ("auto-test",)):
+        target = value_and_grad(_correlated)
+        runs[key] = sample_chains(
+            "nuts", target, torch.zeros(8, 2), num_samples=3, warmup=3, generator=torch.Generator().manual_seed(0),
+            progress=False, compile_key=key,
+        )  # fmt: skip
+        assert target.compile == (key is not None)
+    torch.testing.assert_close(runs[("auto-test",)].draws, runs[None].draws, rtol=1e-4, atol=1e-4)
+
+
+def test_warns_when_most_trees_hit_max_tree_depth():
+    # A fixed tiny step size: no trajectory of 2**3 steps reaches a U-turn.
+    out = sample_chains(
+        "nuts", value_and_grad(lambda z: -0.5 * (z**2).sum(-1)), torch.ones(2, 2), num_samples=10, warmup=0,
+        step_size=1e-3, adapt_step_size=False, max_tree_depth=3, generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )  # fmt: skip
+    assert (out.stats["tree_depth"] == 3).all()
+    with pytest.warns(FitWarning, match=r"100% of the transitions hit max_tree_depth=3.*raise max_tree_depth"):
+        assert tree_depth_warning(out.stats["tree_depth"], 3) == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tree_depth_warning(torch.tensor([[3, 2, 2]]), 3) == pytest.approx(1 / 3)
+
+
+def test_fit_warns_on_max_tree_depth(make_net):
+    model, x, y = _small_bnn(make_net)
+    with pytest.warns(FitWarning, match="max_tree_depth=1"):
+        pbnn.fit(model, x, y, method="nuts", num_samples=5, warmup=5, num_chains=1, max_tree_depth=1,
+                 init="net", seed=0, progress=False)  # fmt: skip
+
+
+def test_traced_pyro_density_matches_the_model(conjugate):
+    # compile for a Pyro model records one chain's log density as a graph of tensor ops and
+    # vmaps it over chains: the same values and gradients as the model, at other points too.
+    c = conjugate
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        s = pyro.sample("s", dist.HalfNormal(1.0))  # a constrained site: the Jacobian is in the graph
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(x @ w, s), obs=y)
+
+    pot = pbnn.potential.Potential(model, pbnn.data.validate(model, c["x"], c["y"]))
+    density = lambda z: pot.log_joint_batch(z, None, pot.fixed)  # noqa: E731
+    z = torch.randn(3, pot.dim, generator=torch.Generator().manual_seed(0))
+    other = z + torch.tensor([0.3, -0.2, 0.1])
+    with pyro.validation_enabled(False):  # as in pbnn's samplers (Pyro's NaN checks read values)
+        traced = hmc._trace_density(density, z, ())
+        torch.testing.assert_close(traced(other), density(other))
+        g_model = value_and_grad(density)(other)[1]
+        g_traced = value_and_grad(traced)(other)[1]
+    torch.testing.assert_close(g_traced, g_model)
+
+
+def test_trace_falls_back_to_eager_on_control_flow():
+    def branchy(z):  # Python control flow on the value of z: one recorded path cannot serve it
+        return -(z**2).sum(-1) if float(z.sum()) > 0 else -z.abs().sum(-1)
+
+    target = value_and_grad(branchy, compile=True, trace=True)
+    with pytest.warns(UserWarning, match="could not record the model's log density"):
+        target.prepare(torch.ones(2, 3))
+    assert not target.compile
+    lp, g = target(torch.ones(2, 3))  # eager, correct
+    torch.testing.assert_close(lp, torch.full((2,), -3.0))

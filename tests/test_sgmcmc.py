@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pbnn
+from pbnn.engine import chains
 from pbnn.infer.sgmcmc import CyclicalSGLDKernel, SGHMCKernel, SGLDKernel
 from pbnn.kernels.sgmcmc import (
     cycle_index,
@@ -371,6 +372,16 @@ def test_compiled_gradient_gives_the_eager_chain(conjugate):
     compiled = pbnn.fit(model, c["x"], c["y"], method="sghmc", compile=True, **kw)
     for k in eager.samples:
         torch.testing.assert_close(compiled.samples[k], eager.samples[k], rtol=1e-4, atol=1e-5)
+    # compile="auto" switching to the compiled gradient after the first transition (forced: this
+    # process "measured" a free compile, 1000x faster) gives the same chain too.
+    potential = pbnn.potential.Potential(model, pbnn.data.validate(model, c["x"], c["y"]))
+    key = ("sgmcmc", *chains.compile_key(potential), 16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(chains._MEASURED, key, (0.0, 1000.0))
+        switched = pbnn.fit(model, c["x"], c["y"], method="sghmc", compile="auto", **kw)
+        assert chains._MEASURED[key] != (0.0, 1000.0)  # it compiled and measured the costs
+    for k in eager.samples:
+        torch.testing.assert_close(switched.samples[k], eager.samples[k], rtol=1e-4, atol=1e-5)
 
 
 def test_divergence_names_the_step_and_stores_nothing(conjugate):

@@ -46,9 +46,14 @@ class _Hamiltonian(Backend, RunOptions, ChainOptions):
         # Sampling never needs argument validation, and it costs time on every step.
         with pyro.validation_enabled(False):
             z0, fixed = self.start_chains(potential, gen)
-            iterations = self.warmup + self.num_samples * self.thinning
-            compile = potential.kind == "bnn" and chains.should_compile(self.compile, iterations)
-            fn = value_and_grad(lambda z: potential.log_joint_batch(z, None, fixed), compile=compile)
+            # "auto" starts eagerly and compiles when the measured costs say it pays (AutoCompile);
+            # a Pyro model's trace is first recorded as a graph of tensor ops (Target's trace=).
+            fn = value_and_grad(
+                lambda z: potential.log_joint_batch(z, None, fixed),
+                compile=self.compile is True,
+                trace=potential.kind != "bnn",
+            )
+            key = None if self.compile is False else chains.compile_key(potential)
 
             def run(z0, gen):
                 return chains.sample_hmc(
@@ -62,10 +67,13 @@ class _Hamiltonian(Backend, RunOptions, ChainOptions):
                     generator=gen,
                     progress=self.progress,
                     desc=f"{self.name.upper()} ({len(z0)} chains)",
+                    compile_key=None if key is None else (*key, len(z0)),
                     **{k: getattr(self, k) for k in self.sampler_options},
                 )
 
             result = distributed.run_batched_chains(run, z0, gen)
+        if self.warn and self.kernel == "nuts":
+            chains.tree_depth_warning(result.stats["tree_depth"], self.max_tree_depth, self.name.upper())
         return self.chain_posterior(potential, result, fixed, self.name.upper(), result.stats["diverging"])
 
 
@@ -83,12 +91,15 @@ class NUTS(_Hamiltonian):
         init: as in ``ChainOptions``, or a dict of site values; ``map_steps`` also fits
             deterministic parameters, which the sampler then holds fixed.
         warn: warn when R-hat > 1.01, bulk ESS is low or transitions diverged (numbers in
-            ``info["diagnostics"]``).
+            ``info["diagnostics"]``), and when most transitions hit ``max_tree_depth``.
         batch_size: must stay None: NUTS is full-batch (see ``method="sgld"`` / ``"sghmc"``).
-        compile: ``torch.compile`` the gradient of a BNN's potential together with the NUTS
-            leaf (:class:`pbnn.kernels.hmc.Target`): ``True``, ``False`` or ``"auto"`` (compile
-            runs of at least ``pbnn.engine.chains.COMPILE_MIN_ITERATIONS`` iterations); a Pyro model
-            runs eagerly.
+        compile: ``torch.compile`` the gradient of the potential together with the NUTS leaf
+            (:class:`pbnn.kernels.hmc.Target`; a Pyro model's trace is first recorded as a graph
+            of tensor operations): ``True``, ``False`` or ``"auto"`` (start eagerly, time the
+            iterations and compile once the rest of the run repays the compilation, as measured in
+            this process: :class:`pbnn.engine.chains.AutoCompile`; the progress bar says
+            "compiling"). The switch changes the draws at float rounding, so for bitwise-repeatable
+            runs in one process pass ``True`` or ``False``.
         others: as in ``ChainOptions`` and ``RunOptions``.
 
     Example:

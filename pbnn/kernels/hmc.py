@@ -36,20 +36,37 @@ class Target:
     Non-finite densities become ``-inf`` with a zero gradient (a divergence, not a poisoned chain).
     ``compile=True`` fuses the gradient with the sampler's inner step in one ``torch.compile``
     graph (tens of microseconds per leapfrog step instead of a millisecond, for ~10 s of
-    compilation); if compilation fails, pbnn warns once and runs eagerly.
+    compilation, once per process and shape); if compilation fails, pbnn warns once and runs
+    eagerly. The flag may be switched on during a run (``compile="auto"``,
+    :class:`pbnn.engine.chains.AutoCompile`).
+
+    ``trace=True`` (for log densities that run Python machinery on every call, such as a Pyro
+    model's trace): before compiling, one chain's log density is recorded as a graph of tensor
+    operations (``torch.fx`` ``make_fx``) and vectorised over chains with ``torch.func.vmap``;
+    the graph is checked against the eager density at two points, and a density whose Python
+    control flow depends on ``z`` (the check fails) runs eagerly with a warning.
     """
 
-    def __init__(self, log_density: Callable[..., torch.Tensor], compile: bool = False, sanitise: bool = True) -> None:
+    def __init__(
+        self,
+        log_density: Callable[..., torch.Tensor],
+        compile: bool = False,
+        sanitise: bool = True,
+        trace: bool = False,
+    ) -> None:
         self.log_density = log_density
         self.compile = bool(compile)
         self.sanitise = sanitise
+        self.trace = trace
+        self._traced: Callable | None = None
         self._cache: dict[str, Callable] = {}
 
     def raw(self, z: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
         """Value and gradient (extra ``args`` go to the log density, e.g. a minibatch index),
         made finite unless ``sanitise=False`` (see the class docstring)."""
         if torch.compiler.is_compiling():  # torch.func traces into the compiled graph
-            vg = torch.func.grad_and_value(lambda zz: _sum_with_aux(self.log_density(zz, *args)), has_aux=True)
+            log_density = self._traced or self.log_density
+            vg = torch.func.grad_and_value(lambda zz: _sum_with_aux(log_density(zz, *args)), has_aux=True)
             g, (_, lp) = vg(z)
         else:  # eager: plain autograd has less per-call overhead
             with torch.enable_grad():
@@ -64,10 +81,28 @@ class Target:
         g = torch.where(ok[:, None], torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), torch.zeros_like(g))
         return lp, g
 
+    def eager(self, z: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`raw` without compilation: for the few calls outside the sampler's inner loop
+        (start, step-size search, adaptation), which are not worth a graph of their own."""
+        return self.raw(z.detach(), *args)
+
+    def prepare(self, z: torch.Tensor, *args) -> None:
+        """With ``compile`` and ``trace``: record the log density as a graph at the example
+        ``z [C, D]`` (once); on a mismatch with the eager density, warn and stay eager."""
+        if not (self.compile and self.trace) or self._traced is not None:
+            return
+        try:
+            self._traced = _trace_density(self.log_density, z.detach(), args)
+        except Exception as err:  # noqa: BLE001 - any tracing failure: stay eager
+            self.compile = False
+            warnings.warn(
+                f"pbnn could not record the model's log density as a graph ({type(err).__name__}: {err}); "
+                "this sampler runs eagerly",
+                stacklevel=3,
+            )
+
     def compiled(self, name: str, fn: Callable) -> Callable:
-        """``fn`` compiled once per name when ``compile=True`` (eager otherwise or on failure)."""
-        if not self.compile:
-            return fn
+        """``fn`` compiled once per name while ``compile`` is on (eager otherwise or on failure)."""
         if name not in self._cache:
             compiled = torch.compile(fn, dynamic=False)
 
@@ -87,14 +122,56 @@ class Target:
         return self._cache[name]
 
     def __call__(self, z: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.compile:
+            return self.raw(z.detach(), *args)
+        self.prepare(z, *args)
         return self.compiled("value_and_grad", self.raw)(z.detach(), *args)
+
+
+def _trace_density(log_density: Callable, z: torch.Tensor, args: tuple) -> Callable:
+    """One chain's ``log_density`` as a ``make_fx`` graph, vmapped over chains; checked against
+    the eager density at ``z`` and at a perturbed ``z`` (a graph records one path through the
+    Python code, so a density that branches on ``z`` differs)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+
+    def one(z1, *targs):
+        full = list(args)
+        for i, a in zip(tensors, targs):
+            full[i] = a
+        return log_density(z1[None], *full)[0]
+
+    targs = [args[i] for i in tensors]
+    validate = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)  # value checks branch on data
+    try:
+        graph = make_fx(one)(z[0], *targs)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(validate)
+    batched = torch.func.vmap(graph, in_dims=(0,) + (None,) * len(targs))
+
+    def traced(zz, *call_args):
+        return batched(zz, *[call_args[i] for i in tensors])
+
+    shift = torch.linspace(-0.5, 0.5, z.shape[-1], dtype=z.dtype)
+    with torch.no_grad():
+        for point in (z, z + shift):
+            want, got = log_density(point, *args), traced(point, *args)
+            ok = torch.isfinite(want)
+            scale = 1e-4 * (1 + want[ok].abs())
+            if not (torch.equal(ok, torch.isfinite(got)) and bool(((want[ok] - got[ok]).abs() <= scale).all())):
+                raise ValueError("the recorded graph disagrees with the model (Python control flow that depends on z?)")
+    return traced
 
 
 def _sum_with_aux(lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lp.sum(), lp.detach()
 
 
-def value_and_grad(log_density: Callable[[torch.Tensor], torch.Tensor], compile: bool = False) -> Target:
+def value_and_grad(
+    log_density: Callable[[torch.Tensor], torch.Tensor], compile: bool = False, trace: bool = False
+) -> Target:
     """``z [C, D] -> (logp [C], grad [C, D])`` by one reverse pass over all chains (a :class:`Target`).
 
     Example:
@@ -103,7 +180,7 @@ def value_and_grad(log_density: Callable[[torch.Tensor], torch.Tensor], compile:
         >>> lp.tolist(), g[0].tolist()
         ([-1.0, -1.0, -1.0], [-1.0, -1.0])
     """
-    return Target(log_density, compile)
+    return Target(log_density, compile, trace=trace)
 
 
 # ---------------------------------------------------------------------------- integrator
@@ -268,6 +345,8 @@ def nuts_step(z, lp, g, eps, inv_mass, fn: GradFn, gen, max_tree_depth: int = 10
         each ``[C]``.
     """
     C = z.shape[0]
+    if isinstance(fn, Target):
+        fn.prepare(z)  # a traced density is recorded before the first compiled leaf
     compiled = isinstance(fn, Target) and fn.compile
     leaf = fn.compiled("nuts_leaf", _leaf_step(fn.raw, True)) if compiled else _leaf_step(fn, False)
     r0 = torch.randn(z.shape, generator=gen, dtype=z.dtype, device=z.device) / inv_mass.sqrt()
@@ -443,6 +522,12 @@ def regularised_variance(window: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- sampler
+def _eager(fn: GradFn) -> GradFn:
+    """The start, step-size search and adaptation call the gradient a few dozen times per window:
+    never worth compiling a graph for."""
+    return fn.eager if isinstance(fn, Target) else fn
+
+
 class HMCState(NamedTuple):
     """Chains at ``z [C, D]`` with log density ``lp [C]``, gradient ``g [C, D]``, step sizes
     ``step_size [C]`` and diagonal inverse mass matrices ``inv_mass [C, D]``."""
@@ -456,6 +541,7 @@ class HMCState(NamedTuple):
 
 def init(fn: GradFn, z0: torch.Tensor, gen: torch.Generator, step_size: float | None = None) -> HMCState:
     """The state at ``z0 [C, D]``: unit mass, the step size given or found by :func:`find_step_size`."""
+    fn = _eager(fn)
     z = z0.clone()
     lp, g = fn(z)
     if not bool(torch.isfinite(lp).all()):
@@ -522,6 +608,7 @@ def adapt(
     diagonal inverse mass matrix by the regularised variance of the draws in each of Stan's
     windows, after which the step size is re-initialised and dual averaging restarts; the
     averaged step size after the last warm-up iteration."""
+    fn = _eager(fn)
     z, lp, g, eps, inv_mass = state
     da, ends, first, kept = warm
     if adapt_step_size:
