@@ -217,7 +217,8 @@ def test_bnn_constants_follow_the_network():
     assert model.prior.scale.dtype == F64 and model.likelihood.scale.dtype == F64
     assert lik.scale.dtype == torch.float32
     same = pbnn.likelihoods.Gaussian(scale=0.5)
-    assert pbnn.BNN(torch.nn.Linear(2, 1), likelihood=same).likelihood is same  # float32: shared as before
+    kept = pbnn.BNN(torch.nn.Linear(2, 1), likelihood=same).likelihood  # a copy (BNN owns its likelihood)
+    assert kept.scale.dtype == torch.float32 and float(kept.scale) == 0.5
 
 
 def test_load_map_location(device, tmp_path):

@@ -709,10 +709,11 @@ def initial_points(potential, seeds: list[int | None]) -> tuple[torch.Tensor, di
     unconstrained space (Pyro's ``init_to_uniform``); its ``pyro.param`` values start as traced.
     """
     if potential.kind != "bnn":
-        zs = []
+        zs, like = [], potential.initial_z()  # dtype and device of the model's sites
         for seed in seeds:
             with seeded(seed):
-                zs.append(potential.initial_z() if seed is None else 4 * torch.rand(potential.dim) - 2)
+                zs.append(like.clone() if seed is None else 4 * torch.rand(like.shape, dtype=like.dtype) - 2)
+        zs = [z.to(like.device) for z in zs]
         return torch.stack(zs), {k: v.expand((len(seeds),) + v.shape).clone() for k, v in potential.fixed.items()}
     model = potential.model
     base, _ = potential.unpack(potential.initial_z())
