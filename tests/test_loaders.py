@@ -1,8 +1,12 @@
 """Data in: ``pbnn.fit(model, loader)`` with a DataLoader, a Dataset or a re-iterable of batches
 (issue 26, item 1). Tiny nets, few steps."""
 
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from test_reproducibility import Killed, kill_at
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, TensorDataset
 
@@ -263,6 +267,43 @@ def test_distributed_sampler_is_checked_against_how_the_loader_is_read():
         pbnn.fit(_model(), shard, method="nuts", num_samples=3, warmup=3, progress=False)
     with pytest.raises(ValueError, match="sampler=torch.utils.data.DistributedSampler"):
         pbnn.distributed.check_loader(False, split=True)
+
+
+def _dp_svi(loader, **kw):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    return pbnn.fit(pbnn.BNN(net), loader, method="svi", num_steps=30, num_samples=5, seed=3, progress=False, **kw)
+
+
+def _dp_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ds = TensorDataset(*_data(64))
+        plain = DataLoader(ds, batch_size=8)
+        try:
+            _dp_svi(plain, distributed=True)
+            refused = ""
+        except ValueError as e:
+            refused = str(e)
+        sharded = DataLoader(ds, batch_size=8, sampler=DistributedSampler(ds, shuffle=False))
+        post = _dp_svi(sharded, distributed=True)
+        torch.save({"mean": post.approximation.q.mean, "refused": refused}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_loader_fit_matches_one_process_on_the_union_of_batches(tmp_path):
+    """Two gloo ranks, each reading its DistributedSampler shard in batches of 8, train as one
+    process reading batches of 16 (rank 0 takes the even rows, rank 1 the odd ones)."""
+    mp.spawn(_dp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    single = _dp_svi(DataLoader(TensorDataset(*_data(64)), batch_size=16)).approximation.q.mean
+    assert torch.equal(r0["mean"], r1["mean"])
+    assert torch.allclose(r0["mean"], single, atol=1e-5)
+    assert not torch.allclose(
+        single, _dp_svi(DataLoader(TensorDataset(*_data(64)), batch_size=8)).approximation.q.mean, atol=1e-3
+    )
+    assert "sampler=torch.utils.data.DistributedSampler" in r0["refused"]
 
 
 # ----------------------------------------------------------------- checkpoints
