@@ -173,18 +173,41 @@ def test_loader_fitted_posterior_predicts_streams_and_saves(tmp_path):
 # ----------------------------------------------------------------- full-batch methods
 @pytest.mark.parametrize("method", ["hmc", "mh", "laplace"])
 def test_full_batch_methods_on_a_loader_agree_with_the_tensor_fit(method, conjugate):
-    """The loader (shuffled, batches of 8) is concatenated for them: the same fit as tensors,
-    up to the summation order of the log-likelihood."""
+    """HMC / MH concatenate the loader (batches of 8): the same fit as tensors, up to the
+    summation order of the log-likelihood. Laplace on one batch of all rows: the same numbers."""
     c = conjugate
     opts = {
         "hmc": {"num_samples": 10, "warmup": 10, "num_chains": 1, "num_leapfrog_steps": 5, "init": "net"},
         "mh": {"num_samples": 30, "warmup": 30, "num_chains": 1, "init": "net"},
-        "laplace": {"map_steps": 30},
+        "laplace": {"map_steps": 30, "refine": False},  # a loader's MAP gets no full-batch L-BFGS polish
     }[method]
     a = pbnn.fit(_conjugate_model(c), c["x"], c["y"], method=method, seed=1, progress=False, **opts)
     loader = DataLoader(TensorDataset(c["x"], c["y"]), batch_size=c["x"].shape[0] if method == "laplace" else 8)
     b = pbnn.fit(_conjugate_model(c), loader, method=method, seed=1, progress=False, **opts)
     assert torch.allclose(_flat(a), _flat(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hessian", ["ggn", "diag", "kfac"])
+def test_laplace_sums_its_curvature_over_one_pass_of_the_loader(hessian, conjugate, monkeypatch):
+    """Linear-Gaussian: the curvature is Phi^T Phi / sigma^2 whatever the weights, so Laplace on
+    a shuffled loader of batches of 8 (GGN / diagonal / KFAC summed over one pass, nothing
+    concatenated: the limit is 100 bytes) gives the tensor fit's covariance, and for the GGN
+    and KFAC (exact for a last layer) the conjugate posterior's."""
+    c = conjugate
+    opts = {"hessian": hessian, "prior_precision": "prior", "map_steps": 50, "seed": 0, "progress": False}
+    a = pbnn.fit(_conjugate_model(c), c["x"], c["y"], method="laplace", **opts)
+    monkeypatch.setattr(data_mod, "MAX_FULL_BATCH_BYTES", 100)
+    loader = DataLoader(TensorDataset(c["x"], c["y"]), batch_size=8, shuffle=True)
+    b = pbnn.fit(_conjugate_model(c), loader, method="laplace", **opts)
+    x = torch.randn(5, 2)
+    var_a, var_b = a.predict(x).epistemic_variance, b.predict(x).epistemic_variance
+    assert torch.allclose(var_a, var_b, rtol=1e-4)
+    if hessian != "diag":
+        phi = torch.cat([x, torch.ones(5, 1)], 1)
+        assert torch.allclose(var_b, ((phi @ c["cov"]) * phi).sum(1), rtol=1e-3)
+    with pytest.raises(ValueError, match="read 48 rows, not its 50"):
+        dropped = DataLoader(TensorDataset(c["x"], c["y"]), batch_size=8, drop_last=True)
+        pbnn.fit(_conjugate_model(c), dropped, method="laplace", **opts)
 
 
 def test_full_batch_method_on_data_over_the_limit_names_the_minibatch_methods(monkeypatch):
