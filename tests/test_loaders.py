@@ -1,8 +1,12 @@
 """Data in: ``pbnn.fit(model, loader)`` with a DataLoader, a Dataset or a re-iterable of batches
 (issue 26, item 1). Tiny nets, few steps."""
 
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from test_reproducibility import Killed, kill_at
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, TensorDataset
 
@@ -24,6 +28,7 @@ def _model(seed=0):
 
 
 def _conjugate_model(c):
+    torch.manual_seed(0)
     lin = torch.nn.Linear(2, 1)
     return pbnn.BNN(lin, prior=pbnn.priors.Normal(0.0, c["alpha"]), likelihood=pbnn.likelihoods.Gaussian(c["sigma"]))
 
@@ -35,8 +40,8 @@ def _flat(post):
 FAST = {
     "map": {"num_steps": 30},
     "svi": {"num_steps": 30},
-    "sgld": {"num_samples": 10, "warmup": 5},
-    "ensemble": {"num_members": 2, "num_steps": 20},
+    "sgld": {"num_samples": 5, "warmup": 2, "init": "net"},
+    "ensemble": {"num_members": 2, "num_steps": 10},
     "mc-dropout": {"num_steps": 20, "num_samples": 5},
 }
 
@@ -102,11 +107,26 @@ def test_minibatch_loader_map_finds_the_conjugate_mode(conjugate):
 def test_minibatch_loader_sghmc_matches_the_conjugate_posterior(conjugate):
     c = conjugate
     loader = DataLoader(TensorDataset(c["x"], c["y"]), batch_size=25, shuffle=True)
-    post = pbnn.fit(_conjugate_model(c), loader, method="sghmc", num_samples=300, warmup=100, seed=0, progress=False)
+    post = pbnn.fit(_conjugate_model(c), loader, method="sghmc", num_samples=100, warmup=50, seed=0, progress=False)
     draws = torch.cat([post.samples["weight"].reshape(-1, 2), post.samples["bias"].reshape(-1, 1)], 1)
     sd = c["cov"].diagonal().sqrt()
-    assert ((draws.mean(0) - c["mean"]).abs() / sd).max() < 1.0, (draws.mean(0), c["mean"])
-    assert ((draws.std(0) / sd) - 1).abs().max() < 0.6, (draws.std(0), sd)
+    assert ((draws.mean(0) - c["mean"]).abs() / sd).max() < 0.5, (draws.mean(0), c["mean"])
+    assert ((draws.std(0) / sd) - 1).abs().max() < 0.3, (draws.std(0), sd)
+
+
+def test_accumulated_micro_batches_of_loader_batches_give_the_same_fit():
+    """accumulate=k splits each loader batch into k micro-batches weighted by their share: the
+    same gradient (the engine's data-parallel path, with one rank)."""
+    x, y = _data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=10, shuffle=True)
+    a = pbnn.fit(_model(), loader, method="map", num_steps=20, seed=0, progress=False)
+    b = pbnn.fit(_model(), loader, method="map", num_steps=20, seed=0, progress=False, accumulate=3)
+    assert torch.allclose(_flat(a), _flat(b), rtol=1e-4, atol=1e-5)
+    assert not torch.equal(_flat(a), _flat(_model_fit_tensors(x, y)))
+
+
+def _model_fit_tensors(x, y):
+    return pbnn.fit(_model(), x, y, method="map", num_steps=20, seed=0, progress=False)
 
 
 def test_each_step_takes_the_next_batch_of_the_loader_as_it_is():
@@ -151,14 +171,43 @@ def test_loader_fitted_posterior_predicts_streams_and_saves(tmp_path):
 
 
 # ----------------------------------------------------------------- full-batch methods
-@pytest.mark.parametrize("method", ["nuts", "laplace"])
-def test_full_batch_methods_on_a_loader_agree_with_the_tensor_fit(method):
-    x, y = _data(30)
-    opts = {"nuts": {"num_samples": 15, "warmup": 15, "num_chains": 1}, "laplace": {"map_steps": 50}}[method]
-    a = pbnn.fit(_model(), x, y, method=method, seed=1, progress=False, **opts)
-    loader = DataLoader(TensorDataset(x, y), batch_size=30)
-    b = pbnn.fit(_model(), loader, method=method, seed=1, progress=False, **opts)
-    assert torch.allclose(_flat(a), _flat(b), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("method", ["hmc", "mh", "laplace"])
+def test_full_batch_methods_on_a_loader_agree_with_the_tensor_fit(method, conjugate):
+    """HMC / MH concatenate the loader (batches of 8): the same fit as tensors, up to the
+    summation order of the log-likelihood. Laplace on one batch of all rows: the same numbers."""
+    c = conjugate
+    opts = {
+        "hmc": {"num_samples": 10, "warmup": 10, "num_chains": 1, "num_leapfrog_steps": 5, "init": "net"},
+        "mh": {"num_samples": 30, "warmup": 30, "num_chains": 1, "init": "net"},
+        "laplace": {"map_steps": 30, "refine": False},  # a loader's MAP gets no full-batch L-BFGS polish
+    }[method]
+    a = pbnn.fit(_conjugate_model(c), c["x"], c["y"], method=method, seed=1, progress=False, **opts)
+    loader = DataLoader(TensorDataset(c["x"], c["y"]), batch_size=c["x"].shape[0] if method == "laplace" else 8)
+    b = pbnn.fit(_conjugate_model(c), loader, method=method, seed=1, progress=False, **opts)
+    assert torch.allclose(_flat(a), _flat(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hessian", ["ggn", "diag", "kfac"])
+def test_laplace_sums_its_curvature_over_one_pass_of_the_loader(hessian, conjugate, monkeypatch):
+    """Linear-Gaussian: the curvature is Phi^T Phi / sigma^2 whatever the weights, so Laplace on
+    a shuffled loader of batches of 8 (GGN / diagonal / KFAC summed over one pass, nothing
+    concatenated: the limit is 100 bytes) gives the tensor fit's covariance, and for the GGN
+    and KFAC (exact for a last layer) the conjugate posterior's."""
+    c = conjugate
+    opts = {"hessian": hessian, "prior_precision": "prior", "map_steps": 50, "seed": 0, "progress": False}
+    a = pbnn.fit(_conjugate_model(c), c["x"], c["y"], method="laplace", **opts)
+    monkeypatch.setattr(data_mod, "MAX_FULL_BATCH_BYTES", 100)
+    loader = DataLoader(TensorDataset(c["x"], c["y"]), batch_size=8, shuffle=True)
+    b = pbnn.fit(_conjugate_model(c), loader, method="laplace", **opts)
+    x = torch.randn(5, 2)
+    var_a, var_b = a.predict(x).epistemic_variance, b.predict(x).epistemic_variance
+    assert torch.allclose(var_a, var_b, rtol=1e-4)
+    if hessian != "diag":
+        phi = torch.cat([x, torch.ones(5, 1)], 1)
+        assert torch.allclose(var_b, ((phi @ c["cov"]) * phi).sum(1), rtol=1e-3)
+    with pytest.raises(ValueError, match="read 48 rows, not its 50"):
+        dropped = DataLoader(TensorDataset(c["x"], c["y"]), batch_size=8, drop_last=True)
+        pbnn.fit(_conjugate_model(c), dropped, method="laplace", **opts)
 
 
 def test_full_batch_method_on_data_over_the_limit_names_the_minibatch_methods(monkeypatch):
@@ -241,6 +290,43 @@ def test_distributed_sampler_is_checked_against_how_the_loader_is_read():
         pbnn.fit(_model(), shard, method="nuts", num_samples=3, warmup=3, progress=False)
     with pytest.raises(ValueError, match="sampler=torch.utils.data.DistributedSampler"):
         pbnn.distributed.check_loader(False, split=True)
+
+
+def _dp_svi(loader, **kw):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    return pbnn.fit(pbnn.BNN(net), loader, method="svi", num_steps=30, num_samples=5, seed=3, progress=False, **kw)
+
+
+def _dp_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ds = TensorDataset(*_data(64))
+        plain = DataLoader(ds, batch_size=8)
+        try:
+            _dp_svi(plain, distributed=True)
+            refused = ""
+        except ValueError as e:
+            refused = str(e)
+        sharded = DataLoader(ds, batch_size=8, sampler=DistributedSampler(ds, shuffle=False))
+        post = _dp_svi(sharded, distributed=True)
+        torch.save({"mean": post.approximation.q.mean, "refused": refused}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_loader_fit_matches_one_process_on_the_union_of_batches(tmp_path):
+    """Two gloo ranks, each reading its DistributedSampler shard in batches of 8, train as one
+    process reading batches of 16 (rank 0 takes the even rows, rank 1 the odd ones)."""
+    mp.spawn(_dp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    single = _dp_svi(DataLoader(TensorDataset(*_data(64)), batch_size=16)).approximation.q.mean
+    assert torch.equal(r0["mean"], r1["mean"])
+    assert torch.allclose(r0["mean"], single, atol=1e-5)
+    assert not torch.allclose(
+        single, _dp_svi(DataLoader(TensorDataset(*_data(64)), batch_size=8)).approximation.q.mean, atol=1e-3
+    )
+    assert "sampler=torch.utils.data.DistributedSampler" in r0["refused"]
 
 
 # ----------------------------------------------------------------- checkpoints

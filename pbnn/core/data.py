@@ -83,6 +83,10 @@ class Data:
         """The first ``rows`` rows (None: all) as ``(x, y)``."""
         return self.x[:rows], self.y[:rows]
 
+    def full_pass(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The data as ``(x, y)`` parts whose sums make full-batch quantities: here one part."""
+        return [(self.x, self.y)]
+
 
 class LoaderData:
     """Training data behind a re-iterable of ``(x, y)`` batches (a ``DataLoader``).
@@ -137,6 +141,31 @@ class LoaderData:
         """The first batch's first ``rows`` rows (None: the whole first batch)."""
         return self.first.x[:rows], self.first.y[:rows]
 
+    def full_pass(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass of ``(x, y)`` batches to sum full-batch quantities over (a GGN, a
+        log-likelihood) without concatenating them; the reads leave torch's RNG as it was.
+        Raises a ValueError after the pass unless it read exactly ``N`` rows (``drop_last``, or
+        a sampler that skips or repeats rows, would make the sum wrong)."""
+        if self.sharded:
+            raise ValueError(_SHARD_MESSAGE)
+        batches, state, seen = self.batches(), None, 0
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                if state is not None:
+                    torch.set_rng_state(state)
+                b = next(batches, None)
+                state = torch.get_rng_state()
+            if b is None:
+                break
+            seen += len(b)
+            yield b.x, b.y
+        if seen != self.n:
+            raise ValueError(
+                f"one pass over the loader read {seen} rows, not its {self.n}: a full-data sum (Laplace's "
+                "curvature) needs every row once; build the loader with drop_last=False and a sampler "
+                "without replacement (e.g. shuffle=True or False)"
+            )
+
     @property
     def x(self) -> torch.Tensor:
         return self.tensors()[0]
@@ -149,11 +178,7 @@ class LoaderData:
         """All batches concatenated (once, cached), within :data:`MAX_FULL_BATCH_BYTES`."""
         if self._full is None:
             if self.sharded:
-                raise ValueError(
-                    "this computation needs all the data, but the loader's DistributedSampler gives this "
-                    "rank only its shard: full-batch methods (nuts, hmc, mh, laplace) and methods that "
-                    "spread chains or members over the ranks need a loader with a plain sampler on every rank"
-                )
+                raise ValueError(_SHARD_MESSAGE)
             xs, ys, size = [], [], 0
             with torch.random.fork_rng(devices=[]):
                 for b in self.batches():
@@ -170,6 +195,13 @@ class LoaderData:
                     ys.append(b.y)
             self._full = (torch.cat(xs), torch.cat(ys))
         return self._full
+
+
+_SHARD_MESSAGE = (
+    "this computation needs all the data, but the loader's DistributedSampler gives this rank only its "
+    "shard: full-batch methods (nuts, hmc, mh, laplace) and methods that spread chains or members over "
+    "the ranks need a loader with a plain sampler on every rank"
+)
 
 
 def _nbytes(t: torch.Tensor) -> int:

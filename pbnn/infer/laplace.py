@@ -23,6 +23,7 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from pbnn.core import likelihoods as _lik
+from pbnn.core.data import LoaderData
 from pbnn.core.model import eval_mode
 from pbnn.core.options import one_of, option, optional, positive, positive_int
 from pbnn.core.potential import Potential, SiteLayout
@@ -133,7 +134,9 @@ class Laplace(Backend, RunOptions):
         curv, hessian, note = self._curvature(potential, z, fixed_det, layout, model_prec)
         labels, index = self._groups(layout)
         index = index.to(theta.device)
-        log_lik = float(model.log_likelihood(values, potential.data.x, potential.data.y, fixed_det).sum())
+        log_lik = float(
+            _sum(model.log_likelihood(values, x, y, fixed_det).sum() for x, y in potential.data.full_pass())
+        )
         dev2 = (theta - prior_mean) ** 2 if prior_mean is not None else None
         prec, lml_fn = self._prior_precision(curv, layout, index, theta, dev2, model_prec, log_lik)
         approx = _approximation(curv, prec, theta, layout, values)
@@ -295,7 +298,7 @@ class Laplace(Backend, RunOptions):
             desc="Laplace: MAP",
             progress=self.progress,
         )
-        if self.refine and batch is None:
+        if self.refine and batch is None and not isinstance(potential.data, LoaderData):  # a loader: no full batch
             params = [z.requires_grad_(True), *(v.requires_grad_(True) for v in fixed.values())]
             hook = z.register_hook(lambda g: g.masked_fill(held, 0.0)) if hyper else None
             _lbfgs_polish(params, lambda: -potential.log_joint(z, None, fixed, jacobian=False))
@@ -331,13 +334,13 @@ class Laplace(Backend, RunOptions):
                 raise ValueError(note + "; or on_indefinite='ggn' to fall back automatically")
             warnings.warn(note + ". Falling back to hessian='ggn'.", stacklevel=4)
             hessian = "ggn"
-        x = potential.data.x
+        rows = potential.data.full_pass()  # a loader: summed over one pass of its batches
         if hessian == "ggn":
-            return ("dense", ggn_full(model, names, params, x, noise)), hessian, note
+            return ("dense", _sum(ggn_full(model, names, params, x, noise) for x, _ in rows)), hessian, note
         if hessian == "diag":
-            return ("diag", ggn_diag(model, names, params, x, noise)), hessian, note
+            return ("diag", _sum(ggn_diag(model, names, params, x, noise) for x, _ in rows)), hessian, note
         layers = kfac_layers(model, names)
-        factors = kfac_factors(model, names, params, x, noise)
+        factors = _kfac_over(rows, lambda x: kfac_factors(model, names, params, x, noise))
         kron = KroneckerApproximation(layers, {n: values[n] for n in names}, factors, {p: 1.0 for p, _, _ in layers})
         return ("kfac", kron), hessian, note
 
@@ -409,6 +412,24 @@ _NON_GAUSSIAN_PRIOR = (
     "Laplace needs a Gaussian prior on the weights (pbnn.priors.Normal, LayerwiseNormal or HierarchicalNormal) "
     "to add its precision to the curvature"
 )
+
+
+def _sum(terms):
+    """Sum of the terms (one term: itself, so tensor data gives the numbers of one pass)."""
+    total = None
+    for t in terms:
+        total = t if total is None else total + t
+    return total
+
+
+def _kfac_over(rows, factors_of) -> dict:
+    """KFAC factors over batches: ``G`` summed, ``A`` (a mean over rows) weighted by batch size."""
+    first, total, n, count = None, {}, 0, 0
+    for x, _ in rows:
+        f, m = factors_of(x), x.shape[0]
+        first, n, count = first or f, n + m, count + 1
+        total = {p: (G + total[p][0], A * m + total[p][1]) if total else (G, A * m) for p, (G, A) in f.items()}
+    return first if count == 1 else {p: (G, A / n) for p, (G, A) in total.items()}
 
 
 def _layer_deltas(prec: torch.Tensor, layout: SiteLayout, layers, check: bool = False) -> dict:

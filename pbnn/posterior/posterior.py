@@ -185,7 +185,7 @@ class Posterior:
                 (e.g. a different number of features, or 1-D ``x`` for a one-feature model:
                 pass ``x[:, None]``), or ``x`` holds NaN / inf.
         """
-        train = self.data.head(1)[0] if hasattr(self.data, "head") else None  # no full pass over a loader
+        train = self.data.head()[0] if hasattr(self.data, "head") else None  # a loader: its first batch
         x = check_inputs(x, train if isinstance(train, torch.Tensor) else None)
         num, draws = self._draws(num_samples, seed)
         streams = self.predictor in (None, predict_params, predict_bn_refresh)
