@@ -188,20 +188,25 @@ class KroneckerApproximation(Approximation):
         self.mean_values = {k: v.detach().clone() for k, v in mean.items()}
         self.layout = SiteLayout([(n, v.shape, identity_transform) for n, v in self.mean_values.items()])
         self.eig = {}
+        dtype = next(iter(self.mean_values.values())).dtype
         for p, _, _ in self.layers:
             G, A = factors[p]
             lg, qg = torch.linalg.eigh(G.double())
             la, qa = torch.linalg.eigh(A.double())
-            self.eig[p] = (lg.clamp_min(0), qg, la.clamp_min(0), qa)  # PSD factors: clamp round-off negatives
+            # Eigenvectors rounded to the weights' dtype (the file stores them so, at half the bytes of
+            # float64), kept float64 for the arithmetic; PSD factors: clamp round-off negatives.
+            qg, qa = qg.to(dtype).double(), qa.to(dtype).double()
+            self.eig[p] = (lg.clamp_min(0), qg, la.clamp_min(0), qa)
         self.set_prior_precision(prior_precision)
 
     def state(self) -> dict:
-        """Tensors and plain data to store in a posterior file (the eigendecompositions as they are,
-        so a loaded copy draws the same numbers)."""
+        """Tensors and plain data to store in a posterior file (the eigendecompositions, eigenvectors in
+        the weights' dtype they were rounded to: a loaded copy draws the same numbers)."""
+        dtype = next(iter(self.mean_values.values())).dtype
         return {
             "layers": [list(layer) for layer in self.layers],
             "mean": self.mean_values,
-            "eig": {p: list(e) for p, e in self.eig.items()},
+            "eig": {p: [lg, qg.to(dtype), la, qa.to(dtype)] for p, (lg, qg, la, qa) in self.eig.items()},
             "prior_precision": self.prior_precision,
         }
 
@@ -211,7 +216,7 @@ class KroneckerApproximation(Approximation):
         self.layers = [tuple(layer) for layer in state["layers"]]
         self.mean_values = dict(state["mean"])
         self.layout = SiteLayout([(n, v.shape, identity_transform) for n, v in self.mean_values.items()])
-        self.eig = {p: tuple(e) for p, e in state["eig"].items()}
+        self.eig = {p: tuple(e.double() for e in eig) for p, eig in state["eig"].items()}
         self.set_prior_precision(state["prior_precision"])
         return self
 
@@ -395,7 +400,7 @@ class LazyDraws:
     (``numpy.random.SeedSequence([seed, c, block index])``), so any range of draws is the same
     numbers whatever order or chunks it is asked for in, and a saved posterior (which stores
     ``seed`` and ``block``, not the draws) draws them again exactly. A block holds at most
-    ``block`` draws (by default ``2**22 // D`` capped to [1, 100]: about 16 MB of float32).
+    ``block`` draws (by default ``2**20 // D`` capped to [1, 100]: at most 4 MB of float32).
 
     Example:
         >>> import torch
@@ -416,7 +421,8 @@ class LazyDraws:
             raise ValueError(f"LazyDraws needs num_draws >= 1 and num_chains >= 1, got {num_draws}, {num_chains}")
         self.approximation = approximation
         self.num_chains, self.num_draws, self.seed = int(num_chains), int(num_draws), int(seed)
-        self.block = int(block) if block is not None else max(1, min(100, 2**22 // max(1, approximation.layout.dim)))
+        self.block = int(block) if block is not None else max(1, min(100, 2**20 // max(1, approximation.layout.dim)))
+        self._last = None  # the last block drawn, (key, draws)
 
     @classmethod
     def from_rng(cls, approximation: Approximation, num_draws: int, num_chains: int = 1) -> LazyDraws:
@@ -427,9 +433,13 @@ class LazyDraws:
         return self.num_chains * self.num_draws
 
     def _block(self, c: int, b: int) -> dict[str, torch.Tensor]:
+        if self._last is not None and self._last[0] == (c, b):  # chunks smaller than a block: draw it once
+            return self._last[1]
         n = min(self.block, self.num_draws - b * self.block)
         seed = int(np.random.SeedSequence([self.seed, c, b]).generate_state(1, dtype=np.uint64)[0] >> 1)
-        return self.approximation.chain(c, self.num_chains).sample(n, seed=seed)
+        draws = self.approximation.chain(c, self.num_chains).sample(n, seed=seed)
+        self._last = ((c, b), draws)
+        return draws
 
     def get(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Flat draws ``start:stop`` (chains concatenated, as :meth:`pbnn.Posterior.flat_samples`)."""

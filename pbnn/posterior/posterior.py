@@ -134,8 +134,9 @@ class Posterior:
     def _draws(self, num_samples: int | None, seed: int | None) -> tuple[int, Callable]:
         """``(S, draws)``: ``draws(start, stop)`` gives flat draws ``start:stop`` of the ``S`` used.
 
-        Fewer than the posterior's draws are taken evenly spaced (the same ones for stored and
-        lazy draws); more are drawn from the approximation as :class:`LazyDraws` with ``seed``.
+        Fewer than the posterior's draws: evenly spaced stored draws, or the first draws of each
+        chain when they are made on demand (independent draws: only their blocks are drawn);
+        more are drawn from the approximation as :class:`LazyDraws` with ``seed``.
         Draws are kept in memory while they are small (``S * D <= BUDGET``)."""
         total = self.num_chains * self.num_draws
         if num_samples is not None and num_samples < 1:
@@ -151,7 +152,14 @@ class Posterior:
                 seed = int(torch.randint(2**62, ()))
             idx, take = torch.arange(num), LazyDraws(self.approximation, num, seed).take
         else:
-            idx = torch.arange(total) if num == total else torch.linspace(0, total - 1, num).round().long()
+            if num == total:
+                idx = torch.arange(total)
+            elif self._lazy is not None:  # independent draws made on demand: the first of each chain
+                lazy, chains = self._lazy, self._lazy.num_chains
+                firsts = [c * lazy.num_draws + torch.arange(num // chains + (c < num % chains)) for c in range(chains)]
+                idx = torch.cat(firsts)
+            else:  # stored draws (Markov chains): evenly spaced, over all chains
+                idx = torch.linspace(0, total - 1, num).round().long()
             if self._samples is not None:
                 flat = self.flat_samples()
                 return num, lambda a, b: {k: v[idx[a:b]] for k, v in flat.items()}
@@ -169,8 +177,8 @@ class Posterior:
         Args:
             x: inputs ``[M, ...]``.
             num_samples: number of draws to use (default: all the posterior's draws). Fewer
-                are taken evenly spaced; more are drawn fresh when the posterior keeps a fitted
-                distribution (SVI, Laplace, SWAG).
+                are taken evenly spaced (draws made on demand: the first of each chain); more
+                are drawn fresh when the posterior keeps a fitted distribution (SVI, Laplace, SWAG).
             seed: seed for fresh draws.
 
         Returns a :class:`pbnn.predictive.StreamedPrediction` (for a BNN, a Pyro model and the
