@@ -196,7 +196,7 @@ def test_from_pyro_wraps_an_mcmc_run(data):
     ref = (x[:5] @ mcmc.get_samples()["w"].T).mean(1)  # the model's mean, averaged over the draws
     assert torch.allclose(pred.mean, ref, atol=1e-5)
     idata = post.to_arviz()
-    assert idata.log_likelihood["obs"].shape == (1, 30, 60)
+    assert idata.log_likelihood["obs"].shape == (3, 10, 60)  # one chain of 30 draws: split into 3 chains of 10
     assert 0.0 <= pbnn.metrics.coverage(post.predict(x), y) <= 1.0
 
 

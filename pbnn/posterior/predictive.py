@@ -413,7 +413,6 @@ class StreamedPrediction(Prediction):
                     self._dtype = blk.samples.dtype
                     shape = (self._num_points,) + tuple(m.shape[2:])
                     mean, m2, alea = (torch.zeros(shape, dtype=torch.double) for _ in range(3))
-                    ent = torch.zeros(self._num_points, dtype=torch.double)
                 k = m.shape[0]
                 mb = m.mean(0)
                 delta = mb.double() - mean[ps]
@@ -421,7 +420,10 @@ class StreamedPrediction(Prediction):
                 mean[ps] += delta * (k / (n + k))
                 alea[ps] += v.sum(0).double()
                 if blk.is_classification:
-                    ent[ps] += self._entropy(blk._probs_per_draw()).sum(0).double()
+                    e = self._entropy(blk._probs_per_draw()).sum(0).double()  # [points, *extra dims]
+                    if ent is None:
+                        ent = torch.zeros((self._num_points,) + tuple(e.shape[1:]), dtype=torch.double)
+                    ent[ps] += e
             n += ds.stop - ds.start
         self._mean, self._m2, self._alea, self._ent = mean, m2, alea, ent
         self._single = len(self._draw_slices) == len(self._point_slices) == 1
