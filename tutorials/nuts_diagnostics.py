@@ -346,7 +346,7 @@ print(f"wrote {OUT / 'nuts_loo.png'}")
 # `model(x, y=None, subsample=None)`, observations at `"obs"` in `pyro.plate("data", ...)`).
 # Here the same 1-10-1 network with the priors of issue 29: `sigma ~ HalfCauchy(1)` (heavy
 # tail), StudentT(3) input weights, Laplace(0, 1) output weights. NUTS samples it with the
-# same compiled sampler (the positive `sigma` through Pyro's log transform), and the
+# same sampler (the positive `sigma` through Pyro's log transform), and the
 # export has the same groups, so every diagnostic above applies. Then Laplace, SWAG and
 # SGHMC fit the same model, and `az.compare` ranks all of them, together with the
 # Normal(0, 1) `pbnn.BNN` from the start, by PSIS-LOO on the same data.
@@ -397,9 +397,9 @@ plt.close("all")
 print(f"wrote {OUT / 'nuts_handwritten_ppc.png'}")
 
 # %% [markdown]
-# The hand-written NUTS run reads like the `pbnn.BNN` one: `sigma` and the output bias mix
-# (R-hat near 1 in full mode), the weights do not (permutations again, and the heavy tails
-# add sign-flipped and near-zero units). Its `elpd_loo` is close to the Gaussian prior's:
+# The hand-written NUTS run reads like the `pbnn.BNN` one, and its diagnostics the same way:
+# the weights do not mix (permutations again; the heavy tails add sign-flipped and near-zero
+# units), so check `sigma` and the predictions. Its `elpd_loo` is close to the Gaussian prior's:
 # on 60 points the prior matters little where there is data. SGHMC, one stochastic-gradient
 # chain, comes next; SWAG's Gaussian of SGD iterates trails; Laplace is last, often with
 # `elpd_loo = nan` and every Pareto `k > 0.7`: the exact Hessian at this network's mode has
