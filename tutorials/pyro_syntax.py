@@ -210,8 +210,9 @@ print(f"wrote {OUT / 'pyro_syntax_ppc.png'}")
 # hand-written model there is no network to build it from, so prefer NUTS, SGHMC or an
 # ensemble there. `az.plot_ppc` makes the same point visually.
 #
-# Time: NUTS on a hand-written 1-10-1 model (Gaussian priors, so the same posterior) took
-# 396 s for 2 chains x (100 + 100) against 78 s for the same network through `pbnn.BNN`
-# (3.9 against 0.8 ms per leapfrog step, busy 2-core machine; `benchmarks/pyro_vs_bnn.py`,
-# docs/mcmc.md "Hand-written models against pbnn.BNN"): write the network as a `pbnn.BNN`
-# when its priors allow.
+# Time (`benchmarks/pyro_vs_bnn.py`, docs/mcmc.md "Hand-written models against pbnn.BNN",
+# busy 2-core machine): NUTS with 2 chains x (100 + 100) on a 1-10-1 network took 69 s for
+# this hand-written model and 64 s for its Gaussian-prior twin, against 78 s for the same
+# network through `pbnn.BNN` (0.70, 0.63 and 0.77 ms per leapfrog step). A hand-written fit
+# run after a `pbnn.BNN` NUTS fit in the same process was 5x slower (396 s): not yet
+# diagnosed.
