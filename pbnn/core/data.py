@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pbnn.core.model import eval_mode
+from pbnn.core.model import BNN, eval_mode
 
 __all__ = [
     "Data",
@@ -332,9 +332,8 @@ def _validate_source(model, source) -> Data | LoaderData:
             "data many times and it can be read only once; pass a DataLoader, a list of (x, y) batches, "
             "or an object whose __iter__ starts a fresh pass"
         )
-    from pbnn.core.model import BNN  # local: data checks sit below the model in the import graph
-
     state: dict = {}
+    like = next(model.net.parameters()) if isinstance(model, BNN) else None  # the data follows a BNN's weights
 
     def check(b, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         where = f"batch {i} of the data"
@@ -343,7 +342,6 @@ def _validate_source(model, source) -> Data | LoaderData:
             d = _validate_tensors(model, bx, by, where)
             state.update(row=tuple(d.x.shape[1:]), out=model.output_dim(d.x) if isinstance(model, BNN) else None)
             return d.x, d.y
-        like = next(model.net.parameters()) if isinstance(model, BNN) else None
         bx, by = as_tensor(bx, f"x of {where}", float_only=True, like=like), as_tensor(by, f"y of {where}", like=like)
         if bx.shape[0] != by.shape[0]:
             raise ValueError(f"{where}: x and y have different numbers of rows ({bx.shape[0]} and {by.shape[0]})")
@@ -378,8 +376,6 @@ def _validate_tensors(model, x, y, where: str = "") -> Data:
             return _validate_tensors(model, x, y)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    from pbnn.core.model import BNN  # local: data checks sit below the model in the import graph
-
     like = next(model.net.parameters()) if isinstance(model, BNN) else None  # the data follows a BNN's weights
     x = as_tensor(x, "x", float_only=True, like=like)
     y = as_tensor(y, "y", like=like)
@@ -479,8 +475,6 @@ def scale_warning(model, data: Data) -> str | None:
     ignored) usually gives a fit stuck near the prior (predictions within +-1, intervals
     that cover nothing). Class labels are not checked. Returns the message, or None.
     """
-    from pbnn.core.model import BNN  # local: data checks sit below the model in the import graph
-
     found = []
     x, y = data.head()  # a loader's first batch
     x_off = _off_scale(x)
